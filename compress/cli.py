@@ -1,0 +1,231 @@
+"""`compress run | validate | passes | bench | report`.
+
+Exit codes: 0 ok; 1 internal error (pass named, log path given); 2 bad input (one line, no traceback);
+3 a gate failed (artifacts and report still written); 130 interrupted (rerun resumes from the cache)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from compress.errors import CompressError, InputError
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int) -> int:
+    _console(stderr=True).print(f"[bold red]error:[/] {message}", markup=True)
+    return code
+
+
+# ---------------------------------------------------------------------------------------------- run
+def cmd_run(args: argparse.Namespace) -> int:
+    from compress.config import load_config
+    from compress.pipeline import Pipeline
+
+    cfg = load_config(args.config, args.set)
+    if args.nproc:
+        os.environ["COMPRESS_NPROC"] = str(args.nproc)
+    result = Pipeline(
+        cfg, use_cache=not args.no_cache, from_pass=args.from_pass, until=args.until, progress=not args.quiet
+    ).run()
+    con = _console()
+    if not args.quiet:
+        _print_summary(con, result.report)
+    if result.exit_code == 0:
+        con.print(f"[green]ok[/]: outputs in {result.output_dir}")
+    elif result.exit_code == 3:
+        _console(stderr=True).print(f"[bold red]gate failed:[/] {result.error}; outputs still in {result.output_dir}")
+    else:
+        return _fail(result.error or "failed", result.exit_code)
+    return result.exit_code
+
+
+def _print_summary(con: Any, report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"compress: {report['name']}", show_lines=False)
+    for col in ("pass", "status", "seconds"):
+        t.add_column(col)
+    for p in report["passes"]:
+        t.add_row(p["label"], p["status"], f"{p['duration_s']:.1f}")
+    con.print(t)
+    ev = report.get("evaluation")
+    if ev:
+        m = Table(title="students in ONNX Runtime")
+        for col in ("model", ev.get("main_metric", "quality"), "fidelity", "p50 ms", "p90 ms", "MB"):
+            m.add_column(col)
+        teacher = ev.get("teacher", {})
+        m.add_row("teacher (torch)", _num(teacher.get("quality")), "1", "-", "-", _num(teacher.get("size_mb")))
+        for name, s in ev.get("variants", {}).items():
+            m.add_row(name, _num(s.get("quality")), _num(s.get("fidelity")), _num(s.get("latency_p50_ms")),
+                      _num(s.get("latency_p90_ms")), _num(s.get("size_mb")))
+        con.print(m)
+    for g in report.get("gates", []):
+        verdict = "skipped" if g["passed"] is None else ("[green]pass[/]" if g["passed"] else "[red]FAIL[/]")
+        con.print(f"gate {g['name']}: {verdict} ({g['detail']})")
+
+
+def _num(v: Any) -> str:
+    return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+
+# ---------------------------------------------------------------------------------------------- others
+def cmd_validate(args: argparse.Namespace) -> int:
+    from compress.config import load_config
+    from compress.models.loading import resolve_source
+    from compress.pipeline import Pipeline, check_gates_measurable
+    from compress.registry import get_pass
+    from compress.config import validate_pass_configs
+
+    cfg = load_config(args.config, args.set)
+    resolve_source(cfg.model.path, cfg.base_dir)
+    typed = validate_pass_configs(cfg, str(args.config))
+    passes = [get_pass(s.type)(c) for s, c in zip(cfg.passes, typed)]
+    for i, p in enumerate(passes):
+        problem = p.validate(cfg)
+        if problem:
+            raise InputError(f"{args.config}: passes[{i}] ({p.type}): {problem}")
+    check_gates_measurable(cfg, passes, str(args.config))
+    for split in ("train", "eval", "calibration"):
+        spec = getattr(cfg.data, split)
+        if spec is not None and not spec.path.startswith(("package:", "python:")):
+            p = cfg.resolve(spec.path)
+            if not p.exists():
+                raise InputError(f"{args.config}: data.{split}.path: {p} does not exist; fix the path")
+    Pipeline(cfg)  # checks --from/--until style invariants of the pass list
+    _console().print(f"[green]valid[/]: {args.config} ({len(cfg.passes)} passes: {', '.join(cfg.pass_labels())})")
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from compress.registry import all_passes
+
+    con = _console()
+    for name, cls in all_passes().items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        t = Table(title=f"[bold]{name}[/] (v{cls.version}) {doc}", title_justify="left", expand=False)
+        for col in ("field", "type", "default", "description"):
+            t.add_column(col)
+        for fname, f in cls.Config.model_fields.items():
+            ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+            default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
+            t.add_row(fname, ann, default, f.description or "")
+        con.print(t)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from compress.onnx.runtime import make_session, measure_latency, onnx_size_mb
+
+    path = Path(args.model)
+    if not path.is_file():
+        raise InputError(f"{path}: ONNX file not found")
+    sess = make_session(path, provider=args.provider, threads=args.threads)
+    rng = np.random.default_rng(0)
+    inputs: dict[str, np.ndarray] = {}
+    for inp in sess.get_inputs():
+        shape = [args.batch_size if i == 0 else (d if isinstance(d, int) else args.seq_len)
+                 for i, d in enumerate(inp.shape)]
+        if "int" in inp.type:
+            inputs[inp.name] = (np.ones(shape, dtype=np.int64) if "mask" in inp.name
+                                else np.zeros(shape, dtype=np.int64) if "type" in inp.name
+                                else rng.integers(0, 100, size=shape, dtype=np.int64))
+        else:
+            inputs[inp.name] = rng.standard_normal(shape).astype(np.float32)
+    stats = measure_latency(path, inputs, provider=args.provider, threads=args.threads, warmup=args.warmup, runs=args.runs)
+    stats["size_mb"] = onnx_size_mb(path)
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        _console().print(
+            f"{path.name}: p50 {stats['p50_ms']:.3f} ms, p90 {stats['p90_ms']:.3f} ms over {stats['runs']} runs "
+            f"(batch {args.batch_size}, seq {args.seq_len}, {args.provider}), {stats['size_mb']:.2f} MB"
+        )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from compress.report.render import _atomic_write, render_junit, render_markdown
+
+    run_dir = Path(args.run_dir)
+    f = run_dir / "report.json"
+    if not f.is_file():
+        raise InputError(f"{f}: no report.json here; pass the output folder of a `compress run`")
+    try:
+        report = json.loads(f.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{f}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    _atomic_write(run_dir / "report.md", render_markdown(report))
+    _atomic_write(run_dir / "junit.xml", render_junit(report))
+    _print_summary(_console(), report)
+    _console().print(f"re-rendered {run_dir / 'report.md'} and {run_dir / 'junit.xml'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="compress", description="Turn a transformer into a compact, verified ONNX student.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run the pipeline of a model.yaml")
+    r.add_argument("config")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. passes.0.epochs=2")
+    r.add_argument("--no-cache", action="store_true", help="rerun every pass, ignoring cached results")
+    r.add_argument("--from", dest="from_pass", metavar="PASS", help="rerun from this pass on (earlier ones may be cached)")
+    r.add_argument("--until", metavar="PASS", help="stop after this pass")
+    r.add_argument("--nproc", type=int, default=None, help="training processes (torchrun DDP) for training passes")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+    r.set_defaults(func=cmd_run)
+
+    v = sub.add_parser("validate", help="check a model.yaml's schema and paths (fast, loads no model)")
+    v.add_argument("config")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    v.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("passes", help="list every registered pass with its config fields")
+    p.set_defaults(func=cmd_passes)
+
+    b = sub.add_parser("bench", help="ONNX Runtime latency of an .onnx file")
+    b.add_argument("model")
+    b.add_argument("--batch-size", type=int, default=1)
+    b.add_argument("--seq-len", type=int, default=128)
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--provider", default="CPUExecutionProvider")
+    b.add_argument("--warmup", type=int, default=10)
+    b.add_argument("--runs", type=int, default=50)
+    b.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    b.set_defaults(func=cmd_bench)
+
+    rep = sub.add_parser("report", help="re-render report.md and junit.xml from a run folder's report.json")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=cmd_report)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except CompressError as err:
+        return _fail(str(err), err.exit_code)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,835 @@
+"""The generic training loop every training pass shares (finetune, distill, qat...).
+
+The trainer knows nothing about distillation: the pass hands it a loss callback
+`loss_fn(student, batch, step) -> StepOutput` and a batch source `train_batches(epoch) -> Iterable[dict]`.
+It owns what every pass needs the same way:
+
+- AdamW (no weight decay on biases and norm weights) over the student and `extra_modules` (projection
+  layers and the like); linear warm-up then linear, cosine or constant learning rate;
+- gradient accumulation, gradient clipping, bf16 autocast on CUDA, seeding (torch, random, numpy);
+- resumable checkpoints, written atomically (a temp dir renamed into place) every `checkpoint_every` steps
+  and at the end: student, extra modules, optimizer, lr scheduler, RNG states, data position, loss curve and
+  `extra_state` (any object with `state_dict`/`load_state_dict`, such as the OPTIMA scheduler). A trainer
+  built on a folder that holds a checkpoint resumes from it, and the resumed run ends with the same weights
+  as an uninterrupted one;
+- a NaN/inf loss (or gradient norm) stops the run with `PassFailed`, naming the step and the loss terms;
+- data parallelism under torchrun (see `launch_distributed`).
+
+Steps are numbered from 1: `loss_fn`, `on_step_end`, the logs and the errors all name the optimizer step
+being made (the first is step 1); a checkpoint of step k holds the state after k steps.
+
+Distributed training. When the process runs under torchrun (RANK / WORLD_SIZE in the environment, world
+size > 1), the trainer joins the process group (gloo on CPU, nccl on CUDA), broadcasts the student's and
+the extra modules' weights from rank 0, and shards the data: `train_batches` must yield the same *global*
+batches on every rank (it is deterministic per epoch), and each rank takes its contiguous slice of rows
+(dim 0 of every tensor). Each rank's loss is weighted by its share of the rows, and the gradients are
+summed over ranks once per optimizer step, so the update is that of single-process training on the global
+batch (exactly so for losses that are means over rows). This is data-parallel training as DDP does it;
+the gradients are reduced by hand rather than by a `DistributedDataParallel` wrapper, because distillation
+losses routinely leave parameters without gradients (an unused pooler, the modules OPTIMA does not pick,
+hidden-state-only losses), which DDP's reducer rejects, and because the extra modules live outside the
+student's forward; it also hands `loss_fn` the plain student (with its `.config`) on every rank. Only rank 0
+writes checkpoints and reports progress; buffers are not synchronised (transformers keep none that train).
+"""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import importlib
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+
+from compress.errors import InputError, PassFailed
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "trainer_state.pt"
+_STEP_PREFIX = "step-"
+# changing these does not change the trajectory, so a checkpoint written under other values still resumes
+_NON_TRAJECTORY_FIELDS = ("checkpoint_every", "log_every", "teacher_cache")
+
+
+class TrainConfig(BaseModel):
+    """How the trainer optimises: the knobs every training pass exposes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs when set.")
+    epochs: float | None = Field(1.0, gt=0, description="Passes over the training data (fractions allowed); "
+                                 "used when steps is not set.")
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not applied to biases and norm weights).")
+    warmup_ratio: float = Field(0.06, ge=0, le=1, description="Fraction of the steps spent in linear warm-up from 0.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "linear", description="Learning-rate decay after warm-up: linear to 0, cosine to 0, or constant.")
+    batch_size: int = Field(32, gt=0, description="Examples per micro-batch as the data callback yields them. Under "
+                            "torchrun this is the global batch: each process takes 1/world of its rows.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this (None: no "
+                                        "clipping).")
+    bf16: bool = Field(True, description="bf16 autocast for the forward passes (CUDA only; CPU runs in fp32).")
+    seed: int = Field(0, description="Seed of torch, random and numpy at the start of training.")
+    checkpoint_every: int = Field(200, gt=0, description="Steps between resumable checkpoints (one is also "
+                                  "written at the end).")
+    log_every: int = Field(10, gt=0, description="Steps between log lines.")
+    teacher_quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none", description="Load the frozen teacher's Linear layers in 8-bit (LLM.int8) or 4-bit (NF4) with "
+        "bitsandbytes to save memory.")
+    teacher_cache: bool = Field(False, description="Cache the teacher's outputs on disk, keyed by the batch, so "
+                                "later epochs skip the teacher's forward (needs a deterministic, dropout-free "
+                                "teacher; logits of large vocabularies take much disk).")
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainConfig:
+        if self.steps is None and self.epochs is None:
+            raise ValueError("set steps or epochs")
+        return self
+
+
+@dataclass
+class StepOutput:
+    """What the loss callback returns: the loss to minimise and its named components, as plain floats, for the
+    logs and the NaN errors (every process must return the same term names)."""
+
+    loss: Tensor
+    terms: dict[str, float] = field(default_factory=dict)
+
+
+class _Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+LossFn = Callable[[nn.Module, dict[str, Any], int], StepOutput]
+BatchFn = Callable[[int], Iterable[dict[str, Any]]]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# distributed helpers
+
+
+def distributed_env() -> tuple[int, int, int] | None:
+    """(rank, world_size, local_rank) when this process runs under torchrun with more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or "RANK" not in os.environ:
+        return None
+    rank = int(os.environ["RANK"])
+    return rank, world, int(os.environ.get("LOCAL_RANK", rank))
+
+
+def local_device() -> torch.device:
+    """The device this process should train on: its own GPU under torchrun, else cuda (or cpu)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    env = distributed_env()
+    return torch.device("cuda", env[2] if env else torch.cuda.current_device())
+
+
+def launch_distributed(nproc: int, argv: list[str]) -> int:
+    """Run `argv` in `nproc` processes on this host under torchrun (`torch.distributed.run --standalone`) and
+    return its exit code. `argv` is what would follow `python`: a script and its arguments, or
+    `["-m", "module", ...]`. The children see RANK/WORLD_SIZE, so the trainers they build shard the data;
+    a CLI must not relaunch itself when `distributed_env()` is set."""
+    if nproc < 1:
+        raise InputError(f"--nproc {nproc}: the number of processes must be at least 1")
+    if not argv:
+        raise InputError("launch_distributed: no command to run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *argv]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    log.info("launching %d processes: %s", nproc, " ".join(cmd))
+    return subprocess.call(cmd, env=env)
+
+
+def _init_process_group(device: torch.device) -> bool:
+    """Join the torchrun process group if needed; True when this call created it."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    atexit.register(_destroy_process_group)
+    return True
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# learning rate
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, kind: str) -> float:
+    """Multiplier of the peak lr for the optimizer step with 0-based index `step`: linear warm-up from 0 over
+    `warmup_steps`, then linear or cosine decay to 0 at `total_steps`, or constant."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    if kind == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+    raise ValueError(f"unknown scheduler {kind!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the trainer
+
+
+class Trainer:
+    """Trains `student` (and `extra_modules`) by minimising `loss_fn` over `train_batches`; see the module doc.
+
+    Args:
+        student: the model to train; it stays on its device (under torchrun on CUDA it moves to its rank's GPU).
+        cfg: the optimisation settings.
+        loss_fn: `(student, batch, step) -> StepOutput`; the batch is on the student's device (and is this
+            rank's slice under torchrun); `step` is the 1-based optimizer step. Called under bf16 autocast on CUDA.
+        train_batches: `epoch -> iterable of batches` (dicts of tensors, batch on dim 0); must give the same
+            batches for the same epoch each call (seed any shuffle with the epoch).
+        checkpoint_dir: where checkpoints go; a checkpoint already there is resumed. None: no checkpoints.
+        extra_modules: trained, checkpointed and (under torchrun) synchronised with the student.
+        extra_state: objects with `state_dict`/`load_state_dict` saved in the checkpoints and restored on resume.
+        progress: a compress `Progress` (with `.task(description, total)`) or a callable
+            `(step, total_steps, status) -> None`; reported on rank 0 only.
+        on_step_end: `(step, StepOutput)` after each optimizer step, with the loss and terms averaged over the
+            micro-batches (and processes); called before that step's checkpoint, so state it changes is saved.
+        label: the pass's label: named in logs, on the progress bar and in `PassFailed` errors.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        cfg: TrainConfig,
+        *,
+        loss_fn: LossFn,
+        train_batches: BatchFn,
+        checkpoint_dir: Path | None,
+        extra_modules: Mapping[str, nn.Module] | None = None,
+        extra_state: Mapping[str, _Stateful] | None = None,
+        progress: Any = None,
+        on_step_end: Callable[[int, StepOutput], None] | None = None,
+        label: str = "distill",
+    ):
+        self.student = student
+        self.cfg = cfg
+        self.loss_fn = loss_fn
+        self.train_batches = train_batches
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.extra_modules = dict(extra_modules or {})
+        self.extra_state = dict(extra_state or {})
+        self.progress = progress
+        self.on_step_end = on_step_end
+        self.label = label
+
+        if "student" in self.extra_modules:
+            raise ValueError("extra_modules: the name 'student' is reserved")
+        first = next(student.parameters(), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+
+        env = distributed_env()
+        self.rank, self.world_size = (env[0], env[1]) if env else (0, 1)
+        self.distributed = env is not None
+        if self.distributed:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", env[2])  # type: ignore[index]
+                torch.cuda.set_device(self.device)
+                self.student.to(self.device)
+                for m in self.extra_modules.values():
+                    m.to(self.device)
+            _init_process_group(self.device)
+            self._broadcast_weights()
+        self.is_main = self.rank == 0
+
+        self.params = [p for m in self._modules().values() for p in m.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(f"{label}: nothing to train (no parameter requires grad)")
+        decay = [p for p in self.params if p.ndim >= 2]
+        no_decay = [p for p in self.params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+
+        self.total_steps = cfg.steps if cfg.steps is not None else self._steps_from_epochs()
+        self.warmup_steps = math.ceil(cfg.warmup_ratio * self.total_steps)
+        total, warm, kind = self.total_steps, self.warmup_steps, cfg.scheduler
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, warm, total, kind))
+
+        self.step = 0
+        self.loss_curve: list[float] = []
+        self.lr_curve: list[float] = []
+        self.epoch = 0
+        self.batch_in_epoch = 0  # batches of `epoch` consumed so far
+        self.resumed_from: int | None = None
+        self._rng_to_restore: dict[str, Any] | None = None
+        self._resume()
+
+    # ---------------------------------------------------------------------------------------------- setup
+
+    def _modules(self) -> dict[str, nn.Module]:
+        return {"student": self.student, **self.extra_modules}
+
+    def _broadcast_weights(self) -> None:
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for module in self._modules().values():
+                for t in itertools.chain(module.parameters(), module.buffers()):
+                    dist.broadcast(t.data, src=0)
+
+    def _steps_from_epochs(self) -> int:
+        batches = self.train_batches(0)
+        try:
+            n = len(batches)  # type: ignore[arg-type]
+        except TypeError:
+            n = sum(1 for _ in batches)
+        if n == 0:
+            raise InputError(f"{self.label}: the training data gives no batches; add examples to data.train")
+        assert self.cfg.epochs is not None
+        return max(1, math.ceil(self.cfg.epochs * n / self.cfg.grad_accum))
+
+    def _fingerprint(self) -> str:
+        cfg = {k: v for k, v in self.cfg.model_dump(mode="json").items() if k not in _NON_TRAJECTORY_FIELDS}
+        cfg["total_steps"] = self.total_steps
+        cfg["modules"] = sorted(self.extra_modules)
+        cfg["extra_state"] = sorted(self.extra_state)
+        return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
+
+    # ---------------------------------------------------------------------------------------------- checkpoints
+
+    def _checkpoints(self) -> list[Path]:
+        if self.checkpoint_dir is None or not self.checkpoint_dir.is_dir():
+            return []
+        found = [p for p in self.checkpoint_dir.glob(f"{_STEP_PREFIX}*")
+                 if p.is_dir() and (p / CHECKPOINT_FILE).is_file() and p.name[len(_STEP_PREFIX):].isdigit()]
+        return sorted(found, key=lambda p: int(p.name[len(_STEP_PREFIX):]))
+
+    def _resume(self) -> None:
+        found = self._checkpoints()
+        if not found:
+            return
+        path = found[-1]
+        state = torch.load(path / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        stale = state.get("fingerprint") != self._fingerprint()
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()  # every rank has read it before rank 0 may remove it
+        if stale:
+            log.warning("%s: checkpoint %s was written under other training settings; starting afresh", self.label,
+                        path)
+            if self.is_main:
+                for p in found:
+                    shutil.rmtree(p, ignore_errors=True)
+            return
+        for name, module in self._modules().items():
+            module.load_state_dict(state["modules"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        for name, obj in self.extra_state.items():
+            obj.load_state_dict(state["extra_state"][name])
+        self.step = int(state["step"])
+        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        self.loss_curve = list(state["loss_curve"])
+        self.lr_curve = list(state["lr_curve"])
+        self._rng_to_restore = state["rng"]
+        self.resumed_from = self.step
+        log.info("%s: resuming from step %d/%d (%s)", self.label, self.step, self.total_steps, path)
+
+    def save_checkpoint(self) -> Path | None:
+        """Write the state after `self.step` steps to checkpoint_dir/step-NNNNNNNN atomically (rank 0 only) and
+        remove the older checkpoints. Returns the folder (None on other ranks or without a checkpoint_dir)."""
+        if self.checkpoint_dir is None or not self.is_main:
+            return None
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        state = {
+            "fingerprint": self._fingerprint(),
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "modules": {name: m.state_dict() for name, m in self._modules().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "extra_state": {name: obj.state_dict() for name, obj in self.extra_state.items()},
+            "rng": _rng_state(),
+            "loss_curve": list(self.loss_curve),
+            "lr_curve": list(self.lr_curve),
+            "config": self.cfg.model_dump(mode="json"),
+        }
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.checkpoint_dir))
+        try:
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private
+            with open(tmp / CHECKPOINT_FILE, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            final = self.checkpoint_dir / f"{_STEP_PREFIX}{self.step:08d}"
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in self._checkpoints():
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        for leftover in self.checkpoint_dir.glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        log.debug("%s: checkpoint at step %d -> %s", self.label, self.step, final)
+        return final
+
+    # ---------------------------------------------------------------------------------------------- data
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        """Endless stream of global batches from the saved position, advancing epoch / batch_in_epoch."""
+        it = iter(self.train_batches(self.epoch))
+        if self.batch_in_epoch:
+            skipped = sum(1 for _ in itertools.islice(it, self.batch_in_epoch))
+            if skipped < self.batch_in_epoch:
+                raise InputError(f"{self.label}: epoch {self.epoch} now gives {skipped} batches, fewer than the "
+                                 f"checkpoint consumed ({self.batch_in_epoch}); remove {self.checkpoint_dir}")
+        if self._rng_to_restore is not None:  # after the skip: whatever the skip drew from the RNGs is undone
+            _set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+        while True:
+            for batch in it:
+                self.batch_in_epoch += 1
+                yield batch
+            if self.batch_in_epoch == 0:
+                raise InputError(f"{self.label}: the training data gives no batches for epoch {self.epoch}")
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            it = iter(self.train_batches(self.epoch))
+
+    def _shard(self, batch: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        """This rank's rows of a global batch and its share of them (1.0 in a single process)."""
+        rows = _rows(batch)
+        if not self.distributed or rows is None:
+            return batch, 1.0
+        if rows < self.world_size:
+            raise InputError(f"{self.label}: a batch of {rows} rows cannot be split over {self.world_size} "
+                             f"processes; raise the batch size or use fewer processes")
+        lo, hi = self.rank * rows // self.world_size, (self.rank + 1) * rows // self.world_size
+
+        def cut(v: Any) -> Any:
+            if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == rows:
+                return v[lo:hi]
+            if isinstance(v, dict):
+                return {k: cut(x) for k, x in v.items()}
+            return v
+
+        return cut(batch), (hi - lo) / rows
+
+    # ---------------------------------------------------------------------------------------------- training
+
+    def train(self) -> dict[str, Any]:
+        """Run (or finish) the training. Returns steps, final_loss, loss_curve, lr_curve and resumed_from."""
+        cfg = self.cfg
+        if self.step >= self.total_steps:
+            log.info("%s: already trained (%d steps)", self.label, self.step)
+            return self._result()
+        if self.resumed_from is None:
+            _seed_everything(cfg.seed)
+        for module in self._modules().values():
+            module.train()
+        use_autocast = cfg.bf16 and self.device.type == "cuda"
+        stream = self._batches()
+        with self._progress_task() as report:
+            while self.step < self.total_steps:
+                step = self.step + 1
+                loss_sum, terms_sum = 0.0, {}
+                for _ in range(cfg.grad_accum):
+                    batch, share = self._shard(next(stream))
+                    batch = _to_device(batch, self.device)
+                    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else nullcontext()
+                    with ctx:
+                        out = self.loss_fn(self.student, batch, step)
+                    weight = share / cfg.grad_accum
+                    (out.loss * weight).backward()
+                    loss_sum += float(out.loss.detach().float()) * weight
+                    for k, v in out.terms.items():
+                        terms_sum[k] = terms_sum.get(k, 0.0) + float(v) * weight
+                loss, terms = self._reduce(loss_sum, terms_sum)
+                if not math.isfinite(loss):
+                    raise PassFailed(self.label, f"loss became {_fmt(loss)} at step {step} "
+                                     f"(terms: {_fmt_terms(terms)})")
+                self._reduce_grads()
+                grad_norm = self._clip()
+                if grad_norm is not None and not math.isfinite(grad_norm):
+                    raise PassFailed(self.label, f"gradient norm became {_fmt(grad_norm)} at step {step} "
+                                     f"(loss {loss:.4g}; terms: {_fmt_terms(terms)})")
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step = step
+                self.loss_curve.append(loss)
+                self.lr_curve.append(lr)
+                if self.is_main and (step % cfg.log_every == 0 or step == self.total_steps or step == 1):
+                    log.info("%s: step %d/%d loss %.4g %s lr %.3g%s", self.label, step, self.total_steps, loss,
+                             _fmt_terms(terms), lr, f" grad_norm {grad_norm:.3g}" if grad_norm is not None else "")
+                report(step, f"loss {loss:.4g}")
+                if self.on_step_end is not None:
+                    self.on_step_end(step, StepOutput(loss=torch.tensor(loss), terms=terms))
+                if step % cfg.checkpoint_every == 0 or step == self.total_steps:
+                    self.save_checkpoint()
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+        return self._result()
+
+    def _result(self) -> dict[str, Any]:
+        return {
+            "steps": self.step,
+            "final_loss": self.loss_curve[-1] if self.loss_curve else None,
+            "loss_curve": list(self.loss_curve),
+            "lr_curve": list(self.lr_curve),
+            "resumed_from": self.resumed_from,
+        }
+
+    def _reduce(self, loss: float, terms: dict[str, float]) -> tuple[float, dict[str, float]]:
+        """Sum the rows-weighted loss and terms over the processes (every rank gets the same numbers, so a
+        NaN stops them all)."""
+        if not self.distributed:
+            return loss, terms
+        import torch.distributed as dist
+
+        keys = sorted(terms)
+        buf = torch.tensor([loss, *(terms[k] for k in keys)], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(buf)
+        values = buf.tolist()
+        return values[0], {k: values[i + 1] for i, k in enumerate(keys)}
+
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def _reduce_grads(self) -> None:
+        """Sum the (rows-weighted) gradients over the processes; a parameter no rank gave a gradient keeps none,
+        as in a single process."""
+        if not self.distributed:
+            return
+        import torch.distributed as dist
+
+        has = torch.tensor([p.grad is not None for p in self.params], dtype=torch.uint8, device=self._comm_device())
+        dist.all_reduce(has, op=dist.ReduceOp.MAX)
+        live = [p for p, h in zip(self.params, has.tolist()) if h]
+        for p in live:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        for p in live:
+            buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)  # type: ignore[union-attr]
+        for grads in buckets.values():
+            for chunk in _chunks(grads, max_numel=1 << 24):
+                flat = torch.cat([g.reshape(-1) for g in chunk])
+                dist.all_reduce(flat)
+                offset = 0
+                for g in chunk:
+                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                    offset += g.numel()
+
+    def _clip(self) -> float | None:
+        if self.cfg.max_grad_norm is None:
+            return None
+        with_grad = [p for p in self.params if p.grad is not None]
+        if not with_grad:
+            return 0.0
+        return float(torch.nn.utils.clip_grad_norm_(with_grad, self.cfg.max_grad_norm))
+
+    @contextmanager
+    def _progress_task(self) -> Iterator[Callable[[int, str], None]]:
+        p = self.progress
+        if p is None or not self.is_main:
+            yield lambda step, status: None
+        elif hasattr(p, "task"):
+            with p.task(self.label, self.total_steps) as task:
+                task.update(completed=self.step)
+                yield lambda step, status: task.update(completed=step, status=status)
+        else:
+            total = self.total_steps
+            yield lambda step, status: p(step, total, status)
+
+
+def _chunks(tensors: list[Tensor], max_numel: int) -> Iterator[list[Tensor]]:
+    chunk: list[Tensor] = []
+    size = 0
+    for t in tensors:
+        if chunk and size + t.numel() > max_numel:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(t)
+        size += t.numel()
+    if chunk:
+        yield chunk
+
+
+def _rows(batch: Any) -> int | None:
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.ndim > 0 else None
+    if isinstance(batch, dict):
+        for v in batch.values():
+            n = _rows(v)
+            if n is not None:
+                return n
+    return None
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def _fmt(x: float) -> str:
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf") if math.isinf(x) else f"{x:.4g}"
+
+
+def _fmt_terms(terms: Mapping[str, float]) -> str:
+    if not terms:
+        return "none"
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in terms.items())
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# teacher
+
+
+DEFAULT_KEEP_FULL_PRECISION = ("lm_head", "classifier", "score", "qa_outputs")
+
+
+def prepare_teacher(
+    teacher: nn.Module,
+    cfg: TrainConfig | str = "none",
+    *,
+    keep_full_precision: Iterable[str] = DEFAULT_KEEP_FULL_PRECISION,
+) -> nn.Module:
+    """Freeze the teacher (no gradients, eval mode) and, for `teacher_quantization` '8bit' / '4bit', replace its
+    `nn.Linear` layers in place with bitsandbytes `Linear8bitLt` (LLM.int8) / `Linear4bit` (NF4), except the
+    output heads named in `keep_full_precision` (matched on the last part of the module name). The quantised
+    layers stay on the device the teacher is on (bitsandbytes runs them on CPU and CUDA). GPT-2's `Conv1D`
+    layers are not `nn.Linear` and stay as they are. Returns the teacher."""
+    mode = cfg if isinstance(cfg, str) else cfg.teacher_quantization
+    if mode not in ("none", "8bit", "4bit"):
+        raise InputError(f"teacher_quantization: {mode!r} is not one of none, 8bit, 4bit")
+    if mode != "none":
+        bnb = _import_bitsandbytes(mode)
+        keep = set(keep_full_precision)
+        targets = [(name, m) for name, m in teacher.named_modules()
+                   if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in keep]
+        for name, lin in targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = teacher.get_submodule(parent_name) if parent_name else teacher
+            setattr(parent, child, _quantized_linear(bnb, lin, mode))
+        log.info("teacher: %d Linear layers quantised to %s", len(targets), mode)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    return teacher
+
+
+def _import_bitsandbytes(mode: str) -> Any:
+    try:
+        return importlib.import_module("bitsandbytes")
+    except ImportError as e:
+        raise InputError(f"teacher_quantization={mode!r} needs bitsandbytes: pip install bitsandbytes") from e
+    except Exception as e:  # a broken install raises other errors at import
+        raise InputError(f"teacher_quantization={mode!r}: bitsandbytes failed to load ({e}); reinstall it "
+                         f"or set teacher_quantization: none") from e
+
+
+def _quantized_linear(bnb: Any, lin: nn.Linear, mode: str) -> nn.Module:
+    weight = lin.weight.data
+    device = weight.device
+    has_bias = lin.bias is not None
+    q: nn.Module
+    if mode == "8bit":
+        q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=has_bias, has_fp16_weights=False,
+                                threshold=6.0)
+        q.weight = bnb.nn.Int8Params(weight.detach().cpu().clone(), requires_grad=False, has_fp16_weights=False)
+    else:
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=has_bias, compute_dtype=weight.dtype,
+                              quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(weight.detach().cpu().clone(), requires_grad=False, quant_type="nf4")
+    if has_bias:
+        q.bias = nn.Parameter(lin.bias.detach().cpu().clone(), requires_grad=False)  # type: ignore[union-attr]
+    return q.to(device)  # moving the module quantises the weights
+
+
+# --------------------------------------------------------------------------------------------------------------
+# teacher cache
+
+
+class TeacherCache:
+    """On-disk cache of teacher outputs keyed by a hash of the batch's tensors (and `namespace`, which should
+    identify the teacher, say its fingerprint). Each entry is a safetensors file written atomically; outputs
+    may be a tensor or any nesting of dicts, tuples, lists and `transformers` ModelOutputs of tensors (None and
+    plain numbers allowed) and come back with the same structure and class, on the batch's device.
+
+    Usage: `teacher_out = cache.cached(lambda b: teacher(**b), batch)`."""
+
+    def __init__(self, root: Path, namespace: str = ""):
+        self.root = Path(root)
+        self.namespace = namespace
+        self.hits = 0
+        self.misses = 0
+
+    def key(self, batch: Mapping[str, Any]) -> str:
+        h = hashlib.sha256(self.namespace.encode())
+        for k in sorted(batch):
+            v = batch[k]
+            h.update(f"|{k}:".encode())
+            if isinstance(v, Tensor):
+                t = v.detach().contiguous().cpu()
+                h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            else:
+                h.update(json.dumps(v, sort_keys=True, default=repr).encode())
+        return h.hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def cached(self, teacher_fn: Callable[[Mapping[str, Any]], Any], batch: Mapping[str, Any]) -> Any:
+        """The teacher's outputs for `batch`: read from the cache, or computed (under no_grad) and stored."""
+        key = self.key(batch)
+        device = next((v.device for v in batch.values() if isinstance(v, Tensor)), torch.device("cpu"))
+        found = self.get(key, device)
+        if found is not None:
+            self.hits += 1
+            return found
+        self.misses += 1
+        with torch.no_grad():
+            out = teacher_fn(batch)
+        self.put(key, out)
+        return out
+
+    def get(self, key: str, device: torch.device | str = "cpu") -> Any | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                spec = json.loads(f.metadata()["structure"])
+            tensors = load_file(str(path), device=str(device))
+            return _unflatten(spec, tensors)
+        except Exception as e:  # unreadable entry: recompute it
+            log.warning("teacher cache: ignoring unreadable %s (%s)", path, e)
+            return None
+
+    def put(self, key: str, outputs: Any) -> Path:
+        from safetensors.torch import save_file
+
+        tensors: dict[str, Tensor] = {}
+        spec = _flatten(outputs, tensors)
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"structure": json.dumps(spec)})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def _flatten(obj: Any, tensors: dict[str, Tensor]) -> dict[str, Any]:
+    if isinstance(obj, Tensor):
+        name = str(len(tensors))
+        tensors[name] = obj.detach().to("cpu").contiguous().clone()
+        return {"t": "tensor", "k": name}
+    if obj is None:
+        return {"t": "none"}
+    if isinstance(obj, (bool, int, float, str)):
+        return {"t": "value", "v": obj}
+    if isinstance(obj, Mapping):
+        cls = type(obj)
+        cls_name = None if cls is dict else f"{cls.__module__}:{cls.__qualname__}"
+        return {"t": "dict", "cls": cls_name, "items": [[str(k), _flatten(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (tuple, list)):
+        return {"t": "list" if isinstance(obj, list) else "tuple", "items": [_flatten(v, tensors) for v in obj]}
+    raise TypeError(f"teacher cache: cannot store a {type(obj).__name__} (tensors, dicts, tuples, lists only)")
+
+
+def _unflatten(spec: dict[str, Any], tensors: dict[str, Tensor]) -> Any:
+    kind = spec["t"]
+    if kind == "tensor":
+        return tensors[spec["k"]]
+    if kind == "none":
+        return None
+    if kind == "value":
+        return spec["v"]
+    if kind in ("list", "tuple"):
+        items = [_unflatten(s, tensors) for s in spec["items"]]
+        return items if kind == "list" else tuple(items)
+    if kind == "dict":
+        items = {k: _unflatten(s, tensors) for k, s in spec["items"]}
+        if spec["cls"] is None:
+            return items
+        module, _, qualname = spec["cls"].partition(":")
+        cls: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            cls = getattr(cls, part)
+        if not (isinstance(cls, type) and issubclass(cls, Mapping)):
+            raise TypeError(f"teacher cache: {spec['cls']} is not a mapping type")
+        return cls(**items)
+    raise ValueError(f"teacher cache: unknown entry kind {kind!r}")

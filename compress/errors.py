@@ -1,0 +1,34 @@
+"""Error types that map onto the exit codes of `compress run` (see DESIGN.md, Interfaces)."""
+from __future__ import annotations
+
+
+class CompressError(Exception):
+    """Base of every error compress raises on purpose."""
+
+    exit_code = 1
+
+
+class InputError(CompressError):
+    """Bad input: config, paths, model or data. One clear line, exit code 2."""
+
+    exit_code = 2
+
+
+class ConfigError(InputError):
+    """A config field is wrong. The message starts with the file and the field path."""
+
+
+class GateFailed(CompressError):
+    """One or more gates failed; artifacts and the report are still written. Exit code 3."""
+
+    exit_code = 3
+
+
+class PassFailed(CompressError):
+    """A pass failed in a way that is not the user's input (parity over tolerance, NaN loss...). Exit code 1."""
+
+    exit_code = 1
+
+    def __init__(self, pass_name: str, message: str):
+        super().__init__(f"pass '{pass_name}' failed: {message}")
+        self.pass_name = pass_name

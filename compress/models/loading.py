@@ -1,0 +1,142 @@
+"""Loading teachers and students: local HF folders, hub ids, pip packages that ship a model, and
+`python:module:factory` callables; saving students as folders that reload with `from_pretrained`."""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.errors import InputError
+
+log = logging.getLogger(__name__)
+
+# our task names -> the task names optimum's TasksManager knows (its synonyms table does the mapping)
+TASK_SYNONYMS = {
+    "sequence-classification": "text-classification",
+    "feature-extraction": "feature-extraction",
+    "causal-lm": "text-generation",
+    "image-classification": "image-classification",
+}
+PICKLED_MODEL = "model.pt"
+
+
+def auto_class(task: str) -> Any:
+    from optimum.exporters.tasks import TasksManager
+
+    return TasksManager.get_model_class_for_task(TasksManager.map_from_synonym(TASK_SYNONYMS[task]), framework="pt")
+
+
+def resolve_source(path: str, base_dir: Path) -> tuple[str, str]:
+    """('folder', abs path) | ('hub', id) | ('python', 'module:factory') for a `model.path` value."""
+    if path.startswith("python:"):
+        target = path[len("python:") :]
+        if ":" not in target:
+            raise InputError(f"model.path: '{path}' should be python:module:function, e.g. python:mypkg.models:build")
+        return "python", target
+    if path.startswith("package:"):
+        pkg = path[len("package:") :]
+        try:
+            mod = importlib.import_module(pkg)
+        except ImportError:
+            raise InputError(
+                f"model.path: package '{pkg}' is not installed; pip install {pkg.replace('_', '-')}"
+            ) from None
+        getter = getattr(mod, "get_model_path", None)
+        if getter is None:
+            raise InputError(f"model.path: package '{pkg}' has no get_model_path(); use a folder path instead")
+        return "folder", str(Path(getter()).resolve())
+    local = Path(os.path.expanduser(path))
+    local = local if local.is_absolute() else base_dir / local
+    if local.exists():
+        if not (local / "config.json").is_file() and not (local / PICKLED_MODEL).is_file():
+            raise InputError(f"model.path: {local} has no config.json; point it at a Hugging Face model folder")
+        return "folder", str(local.resolve())
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise InputError(f"model.path: folder {local} does not exist; fix the path (relative paths start at the YAML file)")
+    return "hub", path
+
+
+def load_python_factory(target: str) -> tuple[nn.Module, Any]:
+    module_name, func_name = target.split(":", 1)
+    try:
+        factory = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as err:
+        raise InputError(f"model.path: cannot import python:{target} ({err}); check the module is on PYTHONPATH") from None
+    out = factory()
+    model, pre = (out if isinstance(out, tuple) else (out, None))
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model.path: python:{target} returned {type(model).__name__}, expected a torch nn.Module")
+    return model, pre
+
+
+def load_model(
+    source: str,
+    task: str,
+    *,
+    num_labels: int | None = None,
+    label2id: dict[str, int] | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """A task model from a folder or hub id; a classification head is (re)initialised when the label set
+    differs from the checkpoint's."""
+    folder = Path(source)
+    if (folder / PICKLED_MODEL).is_file() and not (folder / "config.json").is_file():
+        return torch.load(folder / PICKLED_MODEL, weights_only=False)
+    cls = auto_class(task)
+    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if label2id is not None and task in ("sequence-classification", "image-classification"):
+        kwargs.update(
+            num_labels=len(label2id),
+            label2id=dict(label2id),
+            id2label={i: lab for lab, i in label2id.items()},
+            ignore_mismatched_sizes=True,
+        )
+    elif num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        return cls.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise InputError(f"model.path: cannot load '{source}': {str(err).splitlines()[0]}") from None
+    except ValueError as err:
+        raise InputError(f"model.path: '{source}' does not fit task: {str(err).splitlines()[0]}") from None
+
+
+def load_preprocessor(source: str, revision: str | None = None) -> Any:
+    """The tokenizer, else the image processor, else None."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    for cls in (AutoTokenizer, AutoImageProcessor):
+        try:
+            return cls.from_pretrained(source, revision=revision)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def save_model(model: nn.Module, preprocessor: Any, folder: Path) -> Path:
+    """Save so that `from_pretrained(folder)` reloads it (plain nn.Modules are pickled to model.pt)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(folder)
+    else:
+        torch.save(model, folder / PICKLED_MODEL)
+    if preprocessor is not None and hasattr(preprocessor, "save_pretrained"):
+        preprocessor.save_pretrained(folder)
+    return folder
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def folder_size_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 2**20

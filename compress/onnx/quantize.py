@@ -1,0 +1,187 @@
+"""Post-training int8 quantization with onnxruntime.quantization: dynamic (int8 weights, activations quantized at
+run time) and static QDQ (calibrated on real batches). Outputs are written atomically."""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+
+from compress.errors import InputError
+from compress.onnx.runtime import atomic_onnx_path, load_model, prepare_feed, quiet_logs, write_proto
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+DEFAULT_OP_TYPES = ("MatMul", "Gemm")
+
+
+@contextmanager
+def _cwd(path: Path) -> Iterator[None]:
+    """Run a block with `path` as the working directory (quant_pre_process drops temp files in the cwd)."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def _clean_copy(src: Path, folder: Path, name: str = "input.onnx") -> tuple[Path, bool]:
+    """A copy of `src` in `folder` without value_info (the dynamo exporter's shape annotations trip the
+    quantizer), weights inline when they fit. Returns the path and whether it uses external data."""
+    model = load_model(src)
+    model.graph.ClearField("value_info")
+    path = folder / name
+    external = write_proto(model, path)
+    return path, external
+
+
+def quantize_dynamic_int8(
+    src: Path,
+    dst: Path,
+    *,
+    per_channel: bool = False,
+    reduce_range: bool = False,
+    op_types: Sequence[str] = DEFAULT_OP_TYPES,
+) -> Path:
+    """Dynamic int8: weights of `op_types` (MatMul/Gemm) stored as QInt8, activations quantized at run time
+    (DynamicQuantizeLinear + MatMulInteger). `reduce_range` (7-bit weights) avoids saturation on CPUs without VNNI."""
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    with tempfile.TemporaryDirectory(prefix="compress-qdyn-") as td:
+        clean, external = _clean_copy(src, Path(td))
+        with quiet_logs(root=True), atomic_onnx_path(dst) as tmp:
+            quantize_dynamic(
+                model_input=str(clean), model_output=str(tmp), op_types_to_quantize=list(op_types),
+                per_channel=per_channel, reduce_range=reduce_range, weight_type=QuantType.QInt8,
+                use_external_data_format=external, extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
+    log.info("dynamic int8: %s -> %s", src.name, dst.name)
+    return dst
+
+
+class BatchReader(CalibrationDataReader):
+    """Feeds calibration batches to ORT's calibrator: only the graph's inputs, in its dtypes."""
+
+    def __init__(self, batches: Sequence[Mapping[str, Any]], specs: Mapping[str, tuple[np.dtype | None, list[Any]]]):
+        self.batches = batches
+        self.specs = specs
+        self._i = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._i >= len(self.batches):
+            return None
+        batch = self.batches[self._i]
+        self._i += 1
+        return prepare_feed(batch, self.specs)
+
+    def rewind(self) -> None:
+        self._i = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _graph_input_specs(model: onnx.ModelProto) -> dict[str, tuple[np.dtype | None, list[Any]]]:
+    inits = {t.name for t in model.graph.initializer}
+    specs: dict[str, tuple[np.dtype | None, list[Any]]] = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else None
+        shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tt.shape.dim]
+        specs[inp.name] = (dtype, shape)
+    return specs
+
+
+def _pre_process(src: Path, dst: Path, external: bool) -> bool:
+    """ORT's quantization pre-processing (ONNX shape inference + basic graph optimisation). Returns False,
+    leaving `dst` unwritten, when it fails: static quantization then runs on the unprocessed graph."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        with _cwd(dst.parent), quiet_logs(root=True):
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True, save_as_external_data=external,
+                              all_tensors_to_one_file=True, external_data_location=f"{dst.name}.data")
+    except Exception as exc:  # noqa: BLE001 - shape inference fails on some exotic graphs; quantization still works
+        log.warning("quantization pre-processing failed (%s: %s); quantizing the graph as it is",
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return False
+    return dst.is_file()
+
+
+def quantize_static_qdq(
+    src: Path,
+    dst: Path,
+    calibration: Iterable[Mapping[str, Any]],
+    *,
+    per_channel: bool = True,
+    method: str = "minmax",
+    op_types: Sequence[str] | None = DEFAULT_OP_TYPES,
+    pre_process: bool = True,
+) -> Path:
+    """Static int8 in QDQ format: QuantizeLinear/DequantizeLinear pairs around `op_types` (None: every op ORT
+    can quantize), activation ranges calibrated with `method` (minmax, entropy, percentile) over the given
+    batches (dicts of input name -> array; extra keys are ignored). Weights QInt8 (per channel by default),
+    activations QInt8. Pre-processing runs in a temporary folder, so nothing is left in the working directory."""
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    if method not in CALIBRATION_METHODS:
+        raise InputError(f"ptq.calibration: '{method}' is not one of {', '.join(CALIBRATION_METHODS)}")
+    batches = list(calibration)
+    if not batches:
+        raise InputError("ptq: static quantization needs at least one calibration batch; give data.calibration (or data.train)")
+    with tempfile.TemporaryDirectory(prefix="compress-qdq-") as td:
+        folder = Path(td)
+        clean, external = _clean_copy(src, folder)
+        model_in = clean
+        if pre_process and _pre_process(clean, folder / "pre.onnx", external):
+            model_in = folder / "pre.onnx"
+        specs = _graph_input_specs(onnx.load(str(model_in), load_external_data=False))
+        reader = BatchReader(batches, specs)
+        # fused contrib ops have no inferred types; biases stay float where an input has no calibrated scale
+        extra: dict[str, Any] = {"DefaultTensorType": onnx.TensorProto.FLOAT, "QuantizeBias": False}
+        if method == "percentile":
+            extra["CalibPercentile"] = 99.99
+        # the entropy/percentile calibrators print() their progress: kept out of the user's terminal
+        with _cwd(folder), quiet_logs(root=True), redirect_stdout(io.StringIO()), atomic_onnx_path(dst) as tmp:
+            quantize_static(
+                model_input=str(model_in), model_output=str(tmp), calibration_data_reader=reader,
+                quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types) if op_types else None,
+                per_channel=per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                use_external_data_format=external, calibrate_method=CALIBRATION_METHODS[method], extra_options=extra,
+            )
+    log.info("static QDQ int8 (%s, %d batches, per_channel=%s): %s -> %s", method, len(batches), per_channel, src.name, dst.name)
+    return dst
+
+
+def quantized_op_counts(path: Path) -> dict[str, int]:
+    """Counts of the integer / quantization ops in a model: a quick check that quantization happened."""
+    kinds = {"MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "QLinearMatMul",
+             "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "ConvInteger", "QLinearConv"}
+    model = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in kinds:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+

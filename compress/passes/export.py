@@ -1,0 +1,92 @@
+"""export: the student to ONNX (dynamo exporter, dynamic batch and sequence axes), ORT graph fusion
+where it applies, and a parity check of ONNX Runtime against PyTorch on real inputs."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from compress.artifact import Artifact
+from compress.errors import PassFailed
+from compress.passes.base import Pass, PassConfig, PassContext
+from compress.passes.common import first_split, model_inputs, task_batches
+from compress.registry import register
+
+FUSION_MODEL_TYPES = {"bert": "bert", "roberta": "bert", "distilbert": "bert", "vit": "vit", "gpt2": "gpt2"}
+
+
+class ExportConfig(PassConfig):
+    opset: int = Field(18, ge=14, description="ONNX opset.")
+    optimize: bool = Field(True, description="Fuse attention/LayerNorm/GELU with ORT's transformer optimizer where it applies (kept only if parity holds).")
+    atol: float = Field(1e-3, gt=0, description="Largest allowed absolute difference between ORT and PyTorch outputs.")
+    min_cosine: float = Field(0.9999, gt=0, le=1, description="Smallest allowed cosine similarity between ORT and PyTorch outputs.")
+    parity_examples: int = Field(8, gt=0, description="Real examples used for the parity check.")
+
+
+def sample_inputs(ctx: PassContext, model: Any, pre: Any, n: int, max_length: int = 32) -> dict[str, torch.Tensor]:
+    """Real inputs from the data when there is some, else synthetic ones of the model's shape."""
+    split = first_split(ctx, "eval", "calibration", "train")
+    if split is not None:
+        batch = next(iter(task_batches(ctx, split, pre, batch_size=n, max_length=max_length, limit=n, model=model)))
+        return model_inputs(batch)
+    cfg = model.config
+    if ctx.run.model.task == "image-classification":
+        size = int(getattr(cfg, "image_size", 224))
+        return {"pixel_values": torch.randn(n, int(getattr(cfg, "num_channels", 3)), size, size)}
+    g = torch.Generator().manual_seed(ctx.seed)
+    ids = torch.randint(0, int(cfg.vocab_size), (n, max_length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@register
+class Export(Pass):
+    """Export the student to ONNX fp32 and check ONNX Runtime against PyTorch."""
+
+    type = "export"
+    Config = ExportConfig
+    version = "1"
+    uses_data = ("eval", "calibration", "train")
+
+    def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
+        from compress.onnx.export import export_onnx, optimize_onnx
+        from compress.onnx.parity import check_parity
+        from compress.onnx.runtime import onnx_size_mb
+
+        cfg: ExportConfig = self.config  # type: ignore[assignment]
+        task = ctx.run.model.task
+        model = ctx.load_student(artifact).eval()
+        pre = ctx.load_preprocessor(artifact)
+        example = sample_inputs(ctx, model, pre, 2, max_length=16)
+        check = sample_inputs(ctx, model, pre, cfg.parity_examples, max_length=ctx.run.model.max_length)
+        raw = ctx.out_dir / "student.raw.onnx"
+        with ctx.progress.task(f"{ctx.label}: torch.onnx.export", total=None):
+            export_onnx(model, example, raw, task=task, opset=cfg.opset)
+        parity = check_parity(model, raw, check, task=task, atol=cfg.atol, min_cosine=cfg.min_cosine)
+        ctx.metrics.update(parity_max_abs_diff=parity.max_abs_diff, parity_cosine=parity.cosine)  # type: ignore[attr-defined]
+        if not parity.ok:
+            raise PassFailed(ctx.label, f"ONNX Runtime output '{parity.output}' differs from PyTorch: max abs diff "
+                             f"{parity.max_abs_diff:.3g} (atol {cfg.atol}), cosine {parity.cosine:.6f} (min {cfg.min_cosine})")
+        final = ctx.out_dir / "student.onnx"
+        fused = False
+        mtype = FUSION_MODEL_TYPES.get(getattr(model.config, "model_type", ""))
+        if cfg.optimize and mtype:
+            from compress.models import get_adapter
+
+            ad = get_adapter(model)
+            if optimize_onnx(raw, final, model_type=mtype, num_heads=ad.num_heads, hidden_size=ad.hidden_size):
+                p2 = check_parity(model, final, check, task=task, atol=cfg.atol, min_cosine=cfg.min_cosine)
+                if p2.ok:
+                    fused = True
+                    ctx.metrics.update(fused_max_abs_diff=p2.max_abs_diff, fused_cosine=p2.cosine)  # type: ignore[attr-defined]
+                else:
+                    ctx.event("fusion_rejected", max_abs_diff=p2.max_abs_diff, cosine=p2.cosine)
+        if fused:
+            raw.unlink()
+        else:
+            final.unlink(missing_ok=True)
+            raw.replace(final)
+        ctx.metrics.update(fused=fused, size_mb=onnx_size_mb(final), opset=cfg.opset)  # type: ignore[attr-defined]
+        onnx = {k: v for k, v in artifact.onnx.items() if k == "fp32"}
+        onnx["fp32"] = final
+        return artifact.replace(onnx=onnx)

@@ -1,0 +1,95 @@
+"""ptq: post-training int8 quantization in ONNX Runtime, dynamic and static (QDQ, calibrated on
+data.calibration). The baseline every training-based compression must beat."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from compress.artifact import Artifact
+from compress.errors import InputError
+from compress.passes.base import Pass, PassConfig, PassContext
+from compress.passes.common import first_split, model_inputs, task_batches
+from compress.registry import register
+
+
+class PTQConfig(PassConfig):
+    methods: list[Literal["dynamic", "static"]] = Field(
+        default_factory=lambda: ["dynamic", "static"], min_length=1,
+        description="Which int8 models to make: dynamic (weights int8, activations quantized at run time) and/or static (QDQ, calibrated).",
+    )
+    primary: Literal["dynamic", "static"] = Field("dynamic", description="Which one becomes the shipped student.int8.onnx.")
+    per_channel: bool = Field(True, description="Per-channel weight scales for static quantization.")
+    calibration: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="Static calibration method.")
+    calibration_examples: int = Field(128, gt=0, description="Examples read from data.calibration (else data.train).")
+    batch_size: int = Field(8, gt=0, description="Calibration batch size.")
+
+
+@register
+class PTQ(Pass):
+    """Post-training int8 quantization with ONNX Runtime (dynamic and static QDQ)."""
+
+    type = "ptq"
+    Config = PTQConfig
+    version = "1"
+    uses_data = ("calibration", "train")
+
+    def validate(self, run: Any) -> str | None:
+        cfg: PTQConfig = self.config  # type: ignore[assignment]
+        if cfg.primary not in cfg.methods:
+            return f"primary: '{cfg.primary}' is not among methods {cfg.methods}"
+        if "static" in cfg.methods and run.data.calibration is None and run.data.train is None:
+            return "static quantization needs data.calibration (or data.train) to calibrate on"
+        return None
+
+    def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
+        from compress.onnx.quantize import quantize_dynamic_int8, quantize_static_qdq
+        from compress.onnx.runtime import make_session, onnx_size_mb, run_session
+
+        cfg: PTQConfig = self.config  # type: ignore[assignment]
+        if "fp32" not in artifact.onnx:
+            raise InputError(f"passes: '{ctx.label}' needs an ONNX model; put {{type: export}} before it")
+        src = artifact.onnx["fp32"]
+        onnx = dict(artifact.onnx)
+        calib: list[dict[str, np.ndarray]] | None = None
+        # calibration inputs: static calibration, and a fidelity check of each int8 model against fp32
+        split = first_split(ctx, "calibration", "train")
+        if split is not None:
+            pre = ctx.load_preprocessor(artifact)
+            model = ctx.load_student(artifact) if ctx.run.model.task == "image-classification" else None
+            calib = [
+                {k: v.numpy() for k, v in model_inputs(b).items()}
+                for b in task_batches(ctx, split, pre, batch_size=cfg.batch_size, limit=cfg.calibration_examples, model=model)
+            ]
+        made: dict[str, Any] = {}
+        with ctx.progress.task(f"{ctx.label}: quantizing", total=len(cfg.methods)) as bar:
+            for method in cfg.methods:
+                dst = ctx.out_dir / f"student.int8-{method}.onnx"
+                if method == "dynamic":
+                    quantize_dynamic_int8(src, dst)
+                else:
+                    assert calib is not None
+                    quantize_static_qdq(src, dst, calib, per_channel=cfg.per_channel, method=cfg.calibration)
+                made[method] = dst
+                onnx[f"int8-{method}"] = dst
+                bar.advance()
+        onnx["int8"] = made[cfg.primary]
+        # fidelity of each int8 model to the fp32 one on the calibration inputs
+        if calib:
+            ref_sess = make_session(src)
+            refs = [next(iter(run_session(ref_sess, b).values())) for b in calib[:4]]
+            for method, path in made.items():
+                sess = make_session(path)
+                outs = [next(iter(run_session(sess, b).values())) for b in calib[:4]]
+                cos = float(np.mean([_cosine(a, b) for a, b in zip(outs, refs)]))
+                ctx.metrics[f"{method}_cosine_to_fp32"] = cos  # type: ignore[attr-defined]
+        for method, path in made.items():
+            ctx.metrics[f"{method}_size_mb"] = onnx_size_mb(path)  # type: ignore[attr-defined]
+        ctx.metrics["fp32_size_mb"] = onnx_size_mb(src)  # type: ignore[attr-defined]
+        return artifact.replace(onnx=onnx)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))

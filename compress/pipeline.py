@@ -1,0 +1,391 @@
+"""The Engine: runs the passes of a RunConfig in order with a content-addressed cache, resume,
+gates and exit codes (DESIGN.md, Data flow and Interfaces).
+
+Cache layout under `cache_path`:
+  <key>/            one finished step (artifact.json + the files it made); immutable once renamed into place
+  tmp/<key>-<pid>/  a step being written; renamed to <key>/ on success, removed on failure or Ctrl-C
+  work/<key>/       a step's persistent scratch (training checkpoints), kept after a crash so a rerun
+                    resumes, removed once the step succeeds
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compress.artifact import Artifact
+from compress.config import RunConfig, validate_pass_configs
+from compress.errors import CompressError, ConfigError, GateFailed, InputError, PassFailed
+from compress.passes.base import DataProvider, Pass, PassConfig, PassContext, Progress, stable_hash
+from compress.registry import get_pass
+
+log = logging.getLogger(__name__)
+
+LOAD_VERSION = "1"
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_GATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+@dataclass
+class StepRecord:
+    label: str
+    type: str
+    version: str
+    config: dict[str, Any]
+    key: str = ""
+    status: str = "pending"  # ran | cached | failed | skipped
+    duration_s: float = 0.0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    output_dir: Path
+    report: dict[str, Any]
+    artifact: Artifact | None
+    error: str | None = None
+
+
+def _hash_path(path: Path) -> str:
+    """Content hash of a file or folder (names and bytes), to key the cache on the teacher's files."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _rebase(art: Artifact, old: Path, new: Path) -> Artifact:
+    def fix(p: Path | None) -> Path | None:
+        if p is None:
+            return None
+        try:
+            return new / Path(p).resolve().relative_to(old.resolve())
+        except ValueError:
+            return p
+
+    return art.replace(
+        model_dir=fix(art.model_dir),
+        teacher_dir=fix(art.teacher_dir),
+        onnx={k: fix(v) for k, v in art.onnx.items()},
+    )
+
+
+class Pipeline:
+    """Python API: `Pipeline(run_config).run()`, or `Pipeline.from_passes(...)` for programmatic passes."""
+
+    def __init__(
+        self,
+        run: RunConfig,
+        *,
+        use_cache: bool = True,
+        from_pass: str | None = None,
+        until: str | None = None,
+        progress: bool = True,
+    ):
+        self.run_config = run
+        self.use_cache = use_cache
+        self.from_pass = from_pass
+        self.until = until
+        self.progress_enabled = progress
+        self.labels = run.pass_labels()
+        for flag, value in (("--from", from_pass), ("--until", until)):
+            if value is not None and value not in self.labels:
+                raise ConfigError(f"{flag} {value}: no such pass; the passes are {', '.join(self.labels)}")
+        self.cache = run.cache_path
+        self.output = run.output_dir
+
+    # ------------------------------------------------------------------ entry
+    def run(self) -> RunResult:
+        run = self.run_config
+        file = str(run.source) if run.source else "<config>"
+        typed = validate_pass_configs(run, file)
+        passes: list[Pass] = [get_pass(spec.type)(cfg) for spec, cfg in zip(run.passes, typed)]
+        for i, p in enumerate(passes):
+            problem = p.validate(run)
+            if problem:
+                raise ConfigError(f"{file}: passes[{i}] ({p.type}): {problem}")
+        check_gates_measurable(run, passes, file)
+
+        self.output.mkdir(parents=True, exist_ok=True)
+        (self.cache / "tmp").mkdir(parents=True, exist_ok=True)
+        self._clean_tmp()
+        log_path = self.output / "compress.log"
+        handler = logging.FileHandler(log_path, mode="a")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger("compress")
+        root.addHandler(handler)
+        root.setLevel(min(root.level or logging.INFO, logging.INFO))
+
+        data = DataProvider(run)
+        records: list[StepRecord] = []
+        started = time.time()
+        artifact: Artifact | None = None
+        exit_code, error = EXIT_OK, None
+        try:
+            with Progress(self.progress_enabled) as progress:
+                artifact = self._load_teacher(data)
+                stop = False
+                force = not self.use_cache
+                for label, spec, p in zip(self.labels, run.passes, passes):
+                    rec = StepRecord(label, p.type, p.version, p.config.model_dump(mode="json"))
+                    records.append(rec)
+                    if stop:
+                        rec.status = "skipped"
+                        continue
+                    if label == self.from_pass:
+                        force = True
+                    artifact = self._step(artifact, p, rec, data, progress, force)
+                    if label == self.until:
+                        stop = True
+        except KeyboardInterrupt:
+            exit_code, error = EXIT_INTERRUPTED, "interrupted; rerun the same command to resume from the cache"
+        except InputError as err:
+            exit_code, error = EXIT_INPUT, str(err)
+        except PassFailed as err:
+            exit_code, error = EXIT_INTERNAL, f"{err} (log: {log_path})"
+        except CompressError as err:
+            exit_code, error = err.exit_code, str(err)
+        except Exception as err:  # an internal error: name the pass and where the traceback went
+            failing = next((r.label for r in reversed(records) if r.status == "failed"), "load")
+            log.error("internal error in pass '%s':\n%s", failing, traceback.format_exc())
+            exit_code = EXIT_INTERNAL
+            error = f"internal error in pass '{failing}': {type(err).__name__}: {err} (traceback in {log_path})"
+        finally:
+            root.removeHandler(handler)
+            handler.close()
+
+        from compress.report.render import build_report, write_outputs
+
+        partial = any(r.status == "skipped" for r in records)  # --until: unmeasured gates are skipped, not failed
+        gates = evaluate_gates(run, artifact, partial=partial) if artifact is not None and exit_code == EXIT_OK else []
+        if exit_code == EXIT_OK and any(g["passed"] is False for g in gates):
+            failed = [g["name"] for g in gates if g["passed"] is False]
+            exit_code = EXIT_GATE
+            error = "gate(s) failed: " + ", ".join(
+                f"{g['name']} ({g['detail']})" for g in gates if g["passed"] is False
+            )
+            log.info("gates failed: %s", failed)
+        report = build_report(run, records, gates, artifact, exit_code, error, started)
+        if exit_code in (EXIT_OK, EXIT_GATE) or artifact is not None:
+            write_outputs(self.output, report, artifact, records)
+        return RunResult(exit_code, self.output, report, artifact, error)
+
+    # ------------------------------------------------------------------ steps
+    def _clean_tmp(self) -> None:
+        for leftover in (self.cache / "tmp").iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def _commit(self, key: str, build: Any) -> Artifact:
+        """Build a cache entry in tmp/ and rename it into place; nothing partial survives a failure."""
+        tmp = self.cache / "tmp" / f"{key[:24]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        final = self.cache / key
+        tmp.mkdir(parents=True)
+        try:
+            art: Artifact = build(tmp)
+            art = _rebase(art, tmp, final)
+            art.key = key
+            art.save(tmp, self.cache)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            return art
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _load_teacher(self, data: DataProvider) -> Artifact:
+        """Step 0: resolve `model` into a local HF folder in the cache (the teacher, and the first student)."""
+        from compress.models.loading import load_model, load_preprocessor, load_python_factory, resolve_source
+        from compress.models.loading import save_model
+
+        run = self.run_config
+        kind, source = resolve_source(run.model.path, run.base_dir)
+        if kind == "folder":
+            source_fp = _hash_path(Path(source))
+        elif kind == "python":
+            module = __import__(source.split(":")[0], fromlist=["_"])
+            source_fp = _hash_path(Path(module.__file__)) if getattr(module, "__file__", None) else source
+        else:
+            source_fp = f"{source}@{run.model.revision}"
+        label2id = data.label2id() if run.model.task in ("sequence-classification", "image-classification") else None
+        key = stable_hash(
+            {
+                "stage": "load",
+                "version": LOAD_VERSION,
+                "model": run.model.model_dump(mode="json"),
+                "source": source_fp,
+                "labels": sorted(map(str, label2id)) if label2id else None,
+            }
+        )
+        cached = Artifact.load(self.cache / key, self.cache) if self.use_cache else None
+        if cached is not None:
+            log.info("load: cached (%s)", key[:12])
+            return cached
+
+        def build(out: Path) -> Artifact:
+            if kind == "python":
+                model, pre = load_python_factory(source)
+            else:
+                model = load_model(
+                    source,
+                    run.model.task,
+                    label2id={str(k): v for k, v in label2id.items()} if label2id else None,
+                    revision=run.model.revision,
+                    trust_remote_code=run.model.trust_remote_code,
+                )
+                pre = load_preprocessor(run.model.tokenizer or source, run.model.revision)
+            folder = save_model(model, pre, out / "model")
+            return Artifact(task=run.model.task, model_dir=folder, teacher_dir=folder)
+
+        log.info("load: %s (%s)", run.model.path, kind)
+        return self._commit(key, build)
+
+    def _step(
+        self, artifact: Artifact, p: Pass, rec: StepRecord, data: DataProvider, progress: Progress, force: bool
+    ) -> Artifact:
+        run = self.run_config
+        key = stable_hash(
+            {
+                "input": artifact.key,
+                "type": p.type,
+                "version": p.version,
+                "config": rec.config,
+                "data": data.fingerprint(p.uses_data),
+                "target": run.target.model_dump(mode="json") if getattr(p, "uses_target", False) else None,
+                "seed": run.seed,
+                "label": rec.label,
+            }
+        )
+        rec.key = key
+        if not force:
+            cached = Artifact.load(self.cache / key, self.cache)
+            if cached is not None:
+                rec.status = "cached"
+                hist = next((h for h in reversed(cached.history) if h.get("key") == key), {})
+                rec.duration_s = hist.get("duration_s", 0.0)
+                rec.metrics = cached.metrics.get(rec.label, {})
+                rec.events = hist.get("events", [])
+                log.info("%s: cached (%s)", rec.label, key[:12])
+                return cached
+
+        work = self.cache / "work" / key
+        work.mkdir(parents=True, exist_ok=True)
+        seed = int(stable_hash([run.seed, rec.label])[:8], 16)
+        log.info("%s: running (%s)", rec.label, key[:12])
+        t0 = time.time()
+        ctx_holder: dict[str, PassContext] = {}
+
+        def build(out: Path) -> Artifact:
+            ctx = PassContext(
+                run=run, label=rec.label, out_dir=out, work_dir=work, seed=seed, data=data, progress=progress
+            )
+            ctx_holder["ctx"] = ctx
+            ctx.seed_everything()
+            metrics: dict[str, Any] = {}
+            ctx.metrics = metrics  # type: ignore[attr-defined]
+            new = p.run(artifact, ctx)
+            rec.duration_s = round(time.time() - t0, 3)
+            rec.metrics = {**new.metrics.get(rec.label, {}), **metrics}
+            rec.events = ctx.events
+            new = new.replace()
+            new.metrics[rec.label] = rec.metrics
+            new.history.append(
+                {"label": rec.label, "type": p.type, "key": key, "duration_s": rec.duration_s, "events": ctx.events}
+            )
+            return new
+
+        try:
+            new = self._commit(key, build)
+        except BaseException as err:
+            rec.status = "failed"
+            rec.duration_s = round(time.time() - t0, 3)
+            rec.error = f"{type(err).__name__}: {err}"
+            if "ctx" in ctx_holder:
+                rec.events = ctx_holder["ctx"].events
+            raise
+        shutil.rmtree(work, ignore_errors=True)
+        rec.status = "ran"
+        log.info("%s: done in %.1fs", rec.label, rec.duration_s)
+        return new
+
+
+# ---------------------------------------------------------------------------------------- gates
+def check_gates_measurable(run: RunConfig, passes: list[Pass], file: str) -> None:
+    g = run.gates
+    needs_eval = [n for n in ("max_quality_drop", "max_latency_ms", "min_fidelity") if getattr(g, n) is not None]
+    if needs_eval and not any(p.type == "evaluate" for p in passes):
+        raise ConfigError(
+            f"{file}: gates.{needs_eval[0]}: nothing measures it; add {{type: evaluate}} to passes or remove the gate"
+        )
+    if g.max_size_mb is not None and not any(p.type in ("export", "evaluate") for p in passes):
+        raise ConfigError(f"{file}: gates.max_size_mb: no ONNX student is made; add {{type: export}} to passes")
+
+
+def evaluate_gates(run: RunConfig, artifact: Artifact, partial: bool = False) -> list[dict[str, Any]]:
+    """Verdicts of the configured gates on the final student (the primary int8 model, else fp32). A gate
+    nothing measured fails, unless the run was `partial` (stopped by --until): then its verdict is None."""
+    g = run.gates
+    ev = artifact.extra.get("evaluation")
+    final = artifact.final_onnx()
+    variant = final[0] if final else None
+    stats = (ev or {}).get("variants", {}).get(variant or "", {})
+    out: list[dict[str, Any]] = []
+
+    def gate(name: str, limit: float, value: float | None, ok: bool | None, detail: str) -> None:
+        out.append({"name": name, "limit": limit, "value": value, "passed": ok, "detail": detail, "variant": variant})
+
+    if g.max_quality_drop is not None:
+        drop = stats.get("quality_drop")
+        gate(
+            "max_quality_drop",
+            g.max_quality_drop,
+            drop,
+            None if drop is None else drop <= g.max_quality_drop,
+            f"{ev.get('main_metric') if ev else 'quality'} drop {drop if drop is None else round(drop, 4)} "
+            f"vs limit {g.max_quality_drop}",
+        )
+    if g.max_latency_ms is not None:
+        lat = stats.get("latency_p50_ms")
+        gate("max_latency_ms", g.max_latency_ms, lat, None if lat is None else lat <= g.max_latency_ms,
+             f"p50 {lat if lat is None else round(lat, 3)} ms vs limit {g.max_latency_ms} ms")
+    if g.max_size_mb is not None:
+        size = stats.get("size_mb")
+        if size is None and final is not None:
+            from compress.onnx.runtime import onnx_size_mb
+
+            size = onnx_size_mb(final[1])
+        gate("max_size_mb", g.max_size_mb, size, None if size is None else size <= g.max_size_mb,
+             f"{size if size is None else round(size, 2)} MB vs limit {g.max_size_mb} MB")
+    if g.min_fidelity is not None:
+        fid = stats.get("fidelity")
+        gate("min_fidelity", g.min_fidelity, fid, None if fid is None else fid >= g.min_fidelity,
+             f"fidelity {fid if fid is None else round(fid, 4)} vs minimum {g.min_fidelity}")
+    for item in out:
+        if item["passed"] is None:  # configured but not measured: a failure, unless the run stopped early
+            item["passed"] = None if partial else False
+            item["detail"] += " (not measured: the run stopped early)" if partial else " (not measured)"
+    return out
+
+
+def run(config: RunConfig | str | Path, overrides: list[str] | None = None, **kwargs: Any) -> RunResult:
+    """Python API: run a config (a RunConfig or the path of a model.yaml)."""
+    from compress.config import load_config
+
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    return Pipeline(cfg, **kwargs).run()
+
+
+__all__ = ["Pipeline", "RunResult", "run", "evaluate_gates", "PassConfig", "GateFailed"]

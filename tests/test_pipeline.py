@@ -1,0 +1,219 @@
+"""The engine end to end on a tiny random BERT: outputs, cache hits and invalidation, gates and exit
+codes, resume after an interrupted pass, custom passes (decorator and entry point)."""
+from __future__ import annotations
+
+import json
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compress.artifact import Artifact
+from compress.cli import main
+from compress.passes.base import Pass, PassConfig, PassContext
+from compress.registry import register, unregister
+from tests.conftest import make_config
+
+
+def _report(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+def _statuses(out: Path) -> dict[str, str]:
+    return {p["label"]: p["status"] for p in _report(out)["passes"]}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_bert_dir):
+    """One full finetune -> export -> ptq -> evaluate run, shared by the tests that read its outputs."""
+    from tests.conftest import sentiment_rows, write_jsonl
+
+    tmp = tmp_path_factory.mktemp("full")
+    d = tmp / "data"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", sentiment_rows(96, seed=1))
+    write_jsonl(d / "eval.jsonl", sentiment_rows(32, seed=2))
+    write_jsonl(d / "calib.jsonl", sentiment_rows(16, seed=3))
+    cfg = make_config(tmp, tiny_bert_dir, d, gates={"max_quality_drop": 1.0, "max_size_mb": 100})
+    code = main(["run", str(cfg), "-q"])
+    return cfg, tmp / "out", code
+
+
+def test_full_run_outputs(full_run):
+    cfg, out, code = full_run
+    assert code == 0
+    for f in ("student.onnx", "student.int8.onnx", "student.int8-dynamic.onnx", "report.json", "report.md",
+              "junit.xml", "models.png", "compress.log"):
+        assert (out / f).is_file(), f
+    rep = _report(out)
+    assert rep["status"] == "passed" and rep["exit_code"] == 0
+    assert [p["type"] for p in rep["passes"]] == ["finetune", "export", "ptq", "evaluate"]
+    assert all(p["status"] == "ran" for p in rep["passes"])
+    ev = rep["evaluation"]
+    fp32, int8 = ev["variants"]["fp32"], ev["variants"]["int8"]
+    assert 0 <= fp32["accuracy"] <= 1 and 0 <= fp32["fidelity"] <= 1
+    assert fp32["latency_p50_ms"] > 0 and fp32["latency_p90_ms"] >= fp32["latency_p50_ms"]
+    assert int8["size_mb"] < fp32["size_mb"]
+    assert rep["passes"][1]["metrics"]["parity_max_abs_diff"] < 1e-3
+    assert rep["versions"]["torch"] and rep["versions"]["onnxruntime"]
+    assert {g["name"] for g in rep["gates"]} == {"max_quality_drop", "max_size_mb"}
+    # the student folder reloads with from_pretrained
+    from transformers import AutoModelForSequenceClassification
+
+    m = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    assert m.config.num_labels == 2 and set(m.config.label2id) == {"negative", "positive"}
+    suite = ET.parse(out / "junit.xml").getroot().find("testsuite")
+    assert suite.get("tests") == "6" and suite.get("failures") == "0"
+
+
+def test_rerun_hits_cache_and_invalidation(full_run, capsys):
+    cfg, out, _ = full_run
+    assert main(["run", str(cfg), "-q"]) == 0
+    assert set(_statuses(out).values()) == {"cached"}
+    # a changed ptq config reruns ptq and what follows; finetune and export stay cached
+    assert main(["run", str(cfg), "-q", "--set", "passes.2.methods=[dynamic, static]"]) == 0
+    assert _statuses(out) == {"finetune": "cached", "export": "cached", "ptq": "ran", "evaluate": "ran"}
+    assert (out / "student.int8-static.onnx").is_file()
+    assert "int8-static" in _report(out)["evaluation"]["variants"]
+    # --from reruns from that pass even when cached; --until stops after a pass
+    assert main(["run", str(cfg), "-q", "--from", "evaluate"]) == 0
+    assert _statuses(out)["evaluate"] == "ran" and _statuses(out)["export"] == "cached"
+    assert main(["run", str(cfg), "-q", "--until", "export"]) == 0
+    assert _statuses(out) == {"finetune": "cached", "export": "cached", "ptq": "skipped", "evaluate": "skipped"}
+    # a changed target invalidates only evaluate (the pass that measures on it)
+    assert main(["run", str(cfg), "-q", "--set", "target.seq_len=16"]) == 0
+    assert _statuses(out) == {"finetune": "cached", "export": "cached", "ptq": "cached", "evaluate": "ran"}
+
+
+def test_gate_failure_exit_3_keeps_artifacts(full_run, capsys):
+    cfg, out, _ = full_run
+    code = main(["run", str(cfg), "-q", "--set", "gates.max_latency_ms=0.000001"])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "max_latency_ms" in err
+    rep = _report(out)
+    assert rep["status"] == "gate_failed" and rep["exit_code"] == 3
+    failed = [g for g in rep["gates"] if not g["passed"]]
+    assert [g["name"] for g in failed] == ["max_latency_ms"]
+    assert (out / "student.int8.onnx").is_file() and (out / "model" / "config.json").is_file()
+    suite = ET.parse(out / "junit.xml").getroot().find("testsuite")
+    assert suite.get("failures") == "1"
+
+
+# ---------------------------------------------------------------------------------- custom passes
+class CountConfig(PassConfig):
+    add: int = 1
+    fail_once: bool = False
+
+
+class Counter(Pass):
+    """Adds `add` to a counter kept in artifact.extra; with fail_once, crashes after a checkpoint the first time."""
+
+    type = "test-counter"
+    Config = CountConfig
+    calls: list[str] = []
+
+    def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
+        ckpt = ctx.work_dir / "ckpt.json"
+        resumed = ckpt.is_file()
+        Counter.calls.append("resumed" if resumed else "fresh")
+        if self.config.fail_once and not resumed:
+            (ctx.out_dir / "half-written.bin").write_bytes(b"x" * 10)
+            ckpt.write_text(json.dumps({"progress": 1}))
+            raise RuntimeError("simulated crash after a checkpoint")
+        (ctx.out_dir / "note.txt").write_text("hi")
+        ctx.metrics["resumed"] = resumed
+        return artifact.replace(extra=dict(artifact.extra, count=artifact.extra.get("count", 0) + self.config.add))
+
+
+@pytest.fixture()
+def counter():
+    register(Counter)
+    Counter.calls = []
+    yield Counter
+    unregister("test-counter")
+
+
+def test_custom_pass_cache_and_resume(tmp_path, tiny_bert_dir, data_dir, counter, capsys):
+    passes = [{"type": "test-counter", "name": "a"}, {"type": "test-counter", "name": "b", "add": 2, "fail_once": True}]
+    cfg = make_config(tmp_path, tiny_bert_dir, data_dir, passes=passes)
+    out, cache = tmp_path / "out", tmp_path / "out" / ".cache"
+    code = main(["run", str(cfg), "-q"])
+    err = capsys.readouterr().err
+    assert code == 1 and "internal error in pass 'b'" in err and "compress.log" in err
+    assert "simulated crash" in (out / "compress.log").read_text()
+    assert not list((cache / "tmp").iterdir()), "a failed pass leaves nothing half-written"
+    rep = _report(out)
+    assert rep["status"] == "error" and _statuses(out) == {"a": "ran", "b": "failed"}
+    # rerun: 'a' from the cache, 'b' resumes from its checkpoint and finishes
+    assert main(["run", str(cfg), "-q"]) == 0
+    assert _statuses(out) == {"a": "cached", "b": "ran"}
+    assert counter.calls == ["fresh", "fresh", "resumed"]
+    art = Artifact.load(cache / _report(out)["passes"][1]["cache_key"], cache)
+    assert art is not None and art.extra["count"] == 3 and art.metrics["b"]["resumed"] is True
+    assert not (cache / "work" / _report(out)["passes"][1]["cache_key"]).exists(), "scratch removed on success"
+    # changing an earlier pass invalidates the later one
+    no_fail = ["--set", "passes.1.fail_once=false"]
+    assert main(["run", str(cfg), "-q", "--set", "passes.0.add=5", *no_fail]) == 0
+    assert _statuses(out) == {"a": "ran", "b": "ran"}
+    assert main(["run", str(cfg), "-q", "--set", "passes.0.add=5", *no_fail]) == 0
+    assert _statuses(out) == {"a": "cached", "b": "cached"}
+    # --no-cache reruns everything
+    assert main(["run", str(cfg), "-q", "--set", "passes.0.add=5", "--no-cache", *no_fail]) == 0
+    assert _statuses(out) == {"a": "ran", "b": "ran"}
+
+
+def test_interrupt_leaves_nothing_partial(tmp_path, tiny_bert_dir, data_dir, capsys):
+    class Interrupt(Pass):
+        type = "test-interrupt"
+
+        def run(self, artifact, ctx):
+            (ctx.out_dir / "partial.bin").write_bytes(b"x")
+            raise KeyboardInterrupt
+
+    register(Interrupt)
+    try:
+        cfg = make_config(tmp_path, tiny_bert_dir, data_dir, passes=[{"type": "test-interrupt"}])
+        assert main(["run", str(cfg), "-q"]) == 130
+        cache = tmp_path / "out" / ".cache"
+        assert not list((cache / "tmp").iterdir())
+        entries = [p for p in cache.iterdir() if p.name not in ("tmp", "work")]
+        assert len(entries) == 1  # only the load step (the teacher) was committed
+    finally:
+        unregister("test-interrupt")
+
+
+def test_entry_point_plugin(tmp_path, tiny_bert_dir, data_dir, monkeypatch):
+    import compress.registry as registry
+
+    site = tmp_path / "site"
+    (site / "compress_plugin_demo-0.1.dist-info").mkdir(parents=True)
+    (site / "compress_plugin_demo-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: compress-plugin-demo\nVersion: 0.1\n")
+    (site / "compress_plugin_demo-0.1.dist-info" / "entry_points.txt").write_text(
+        "[compress.passes]\nshout = compress_plugin_demo:Shout\n")
+    (site / "compress_plugin_demo.py").write_text(
+        "from compress.passes.base import Pass, PassConfig\n"
+        "class ShoutConfig(PassConfig):\n    word: str = 'hi'\n"
+        "class Shout(Pass):\n    type = 'shout'\n    Config = ShoutConfig\n"
+        "    def run(self, artifact, ctx):\n        ctx.metrics['word'] = self.config.word.upper()\n        return artifact\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(registry, "_loaded", False)
+    try:
+        assert "shout" in registry.available_types()
+        cfg = make_config(tmp_path, tiny_bert_dir, data_dir, passes=[{"type": "shout", "word": "plug"}])
+        assert main(["run", str(cfg), "-q"]) == 0
+        assert _report(tmp_path / "out")["passes"][0]["metrics"]["word"] == "PLUG"
+    finally:
+        unregister("shout")
+        sys.modules.pop("compress_plugin_demo", None)
+
+
+def test_python_api(tmp_path, tiny_bert_dir, data_dir, counter):
+    import compress
+
+    cfg = make_config(tmp_path, tiny_bert_dir, data_dir, passes=[{"type": "test-counter", "add": 4}])
+    result = compress.run(cfg, progress=False)
+    assert result.exit_code == 0 and result.artifact.extra["count"] == 4
