@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # the run's INFO lines go to compress.log; stderr stays quiet
+        handler.setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
         return int(args.func(args))
     except CompressError as err:

@@ -84,17 +84,27 @@ def _rebase(art: Artifact, old: Path, new: Path) -> Artifact:
 
 
 class Pipeline:
-    """Python API: `Pipeline(run_config).run()`, or `Pipeline.from_passes(...)` for programmatic passes."""
+    """Python API. `Pipeline(run_config).run()`, or a list of passes plus the rest of a config as keywords:
+
+        Pipeline([{"type": "export"}, Evaluate(EvaluateConfig())], name="x",
+                 model={"path": "my/model", "task": "sequence-classification"}, data={...}).run()
+
+    List items are dicts as in model.yaml or Pass instances (their classes are registered on the way)."""
 
     def __init__(
         self,
-        run: RunConfig,
+        run: RunConfig | list[Any],
         *,
         use_cache: bool = True,
         from_pass: str | None = None,
         until: str | None = None,
         progress: bool = True,
+        **config: Any,
     ):
+        if not isinstance(run, RunConfig):
+            run = _config_from_passes(run, config)
+        elif config:
+            raise TypeError(f"Pipeline(RunConfig) takes no config keywords; got {sorted(config)}")
         self.run_config = run
         self.use_cache = use_cache
         self.from_pass = from_pass
@@ -236,6 +246,9 @@ class Pipeline:
             return cached
 
         def build(out: Path) -> Artifact:
+            import torch
+
+            torch.manual_seed(run.seed)  # a new task head is randomly initialised: same seed, same head
             if kind == "python":
                 model, pre = load_python_factory(source)
             else:
@@ -320,6 +333,22 @@ class Pipeline:
         rec.status = "ran"
         log.info("%s: done in %.1fs", rec.label, rec.duration_s)
         return new
+
+
+def _config_from_passes(passes: list[Any], config: dict[str, Any]) -> RunConfig:
+    from compress.config import parse_config
+    from compress.registry import register
+
+    entries: list[dict[str, Any]] = []
+    for item in passes:
+        if isinstance(item, Pass):
+            register(type(item))
+            entries.append({"type": item.type, **item.config.model_dump(mode="json", exclude_unset=True)})
+        elif isinstance(item, dict):
+            entries.append(dict(item))
+        else:
+            raise ConfigError(f"Pipeline: pass entries are dicts or Pass instances, not {type(item).__name__}")
+    return parse_config({**config, "passes": entries}, file="Pipeline(...)")
 
 
 # ---------------------------------------------------------------------------------------- gates

@@ -20,6 +20,7 @@ BUILTIN_MODULES = (
     "compress.passes.export",
     "compress.passes.ptq",
     "compress.passes.evaluate",
+    "compress.passes.distill",
 )
 ENTRY_POINT_GROUP = "compress.passes"
 

@@ -217,3 +217,15 @@ def test_python_api(tmp_path, tiny_bert_dir, data_dir, counter):
     cfg = make_config(tmp_path, tiny_bert_dir, data_dir, passes=[{"type": "test-counter", "add": 4}])
     result = compress.run(cfg, progress=False)
     assert result.exit_code == 0 and result.artifact.extra["count"] == 4
+
+
+def test_pipeline_from_pass_list(tmp_path, tiny_bert_dir, data_dir, counter):
+    from compress.pipeline import Pipeline
+
+    result = Pipeline(
+        [counter(counter.Config(add=2)), {"type": "test-counter", "name": "again", "add": 3}],
+        name="listed", model={"path": str(tiny_bert_dir), "task": "sequence-classification"},
+        data={"train": {"path": str(data_dir / "train.jsonl")}}, output=str(tmp_path / "o"), progress=False,
+    ).run()
+    assert result.exit_code == 0 and result.artifact.extra["count"] == 5
+    assert [p["label"] for p in result.report["passes"]] == ["test-counter-0", "again"]

@@ -100,14 +100,20 @@ def load_model(
     elif num_labels is not None:
         kwargs["num_labels"] = num_labels
     try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
+        quiet_transformers()
         return cls.from_pretrained(source, **kwargs)
     except OSError as err:
         raise InputError(f"model.path: cannot load '{source}': {str(err).splitlines()[0]}") from None
     except ValueError as err:
         raise InputError(f"model.path: '{source}' does not fit task: {str(err).splitlines()[0]}") from None
+
+
+def quiet_transformers() -> None:
+    """transformers' own progress bars and warnings would drown ours; errors still surface as exceptions."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def load_preprocessor(source: str, revision: str | None = None) -> Any:
@@ -125,6 +131,7 @@ def load_preprocessor(source: str, revision: str | None = None) -> Any:
 def save_model(model: nn.Module, preprocessor: Any, folder: Path) -> Path:
     """Save so that `from_pretrained(folder)` reloads it (plain nn.Modules are pickled to model.pt)."""
     folder.mkdir(parents=True, exist_ok=True)
+    quiet_transformers()
     if hasattr(model, "save_pretrained"):
         model.save_pretrained(folder)
     else:

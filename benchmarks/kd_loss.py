@@ -1,0 +1,299 @@
+"""Distillation loss on logits, forward + backward: eager PyTorch reference vs our fused Triton kernel vs
+Liger-Kernel (when `liger_kernel` is installed), side by side: time (median of CUDA-event timings) and peak
+GPU memory above the inputs, with ratios.
+
+    python benchmarks/kd_loss.py                 # V in {32k, 128k, 256k} x tokens in {4k, 16k}, bf16
+    python benchmarks/kd_loss.py --quick         # a small sweep (a minute)
+    python benchmarks/kd_loss.py --fused-linear  # through the LM head: fused_linear_kd vs LigerFusedLinearJSD
+
+Needs a CUDA GPU; see benchmarks/README.md for the targets.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Cell:
+    """One implementation at one shape: median ms, peak MiB above the inputs, or why it has no number."""
+
+    ms: float | None = None
+    peak_mib: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Row:
+    vocab: int
+    tokens: int
+    cells: dict[str, Cell] = field(default_factory=dict)
+    max_abs_diff: float | None = None  # |loss_kernel - loss_eager|
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--loss", choices=LOSSES, default="forward_kl", help="which logit loss (default forward_kl)")
+    p.add_argument("--vocab", type=int, nargs="+", default=[32_000, 128_000, 256_000], help="vocabulary sizes")
+    p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384], help="rows (batch x sequence)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="logits dtype (default bf16)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--beta", type=float, default=0.5, help="JSD beta")
+    p.add_argument("--alpha", type=float, default=0.1, help="skew losses' alpha")
+    p.add_argument("--ignore-frac", type=float, default=0.0, help="fraction of rows labelled ignore_index")
+    p.add_argument("--fused-linear", action="store_true",
+                   help="benchmark through the LM head (fused_linear_kd) instead of on logits")
+    p.add_argument("--hidden", type=int, default=4096, help="hidden size for --fused-linear")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--quick", action="store_true", help="small sweep: V in {32k, 128k}, tokens 4k, 5 iterations")
+    p.add_argument("--impls", nargs="+", default=["eager", "ours", "liger"], choices=["eager", "ours", "liger"])
+    p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.vocab = [32_000, 128_000]
+        args.tokens = [4096]
+        args.iters = min(args.iters, 5)
+        args.warmup = min(args.warmup, 2)
+    return args
+
+
+def liger_module() -> Any | None:
+    """The liger_kernel.transformers module, or None when Liger-Kernel is not installed."""
+    try:
+        import liger_kernel.transformers as liger  # type: ignore[import-not-found]
+    except Exception:
+        return None
+    return liger
+
+
+def liger_beta(loss: str, beta: float) -> float | None:
+    """Liger's generalised JSD covers forward KL (beta 0), reverse KL (beta 1) and JSD; not the skew losses."""
+    return {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": beta}.get(loss)
+
+
+def measure(step: Callable[[], None], warmup: int, iters: int) -> Cell:
+    """Median time of `step` (forward + backward) and its peak memory above what was allocated before."""
+    try:
+        for _ in range(warmup):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        return Cell(ms=statistics.median(times), peak_mib=peak)
+    except torch.cuda.OutOfMemoryError:
+        return Cell(note="OOM")
+    except Exception as exc:  # an implementation that cannot run this case: say why, keep going
+        return Cell(note=f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:60] if str(exc) else ''}")
+    finally:
+        torch.cuda.empty_cache()
+
+
+def logit_steps(args: argparse.Namespace, teacher: torch.Tensor,
+                labels: torch.Tensor | None) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """loss(student_logits) closures, one per implementation (each returns the loss; the caller backprops)."""
+    from compress.distill import losses as L
+
+    fn = getattr(L, args.loss)
+    kw: dict[str, Any] = {}
+    if args.loss == "jsd":
+        kw = {"beta": args.beta}
+    elif args.loss in ("skew_kl", "skew_reverse_kl"):
+        kw = {"alpha": args.alpha}
+    tau = args.temperature
+
+    def eager(x: torch.Tensor) -> torch.Tensor:
+        return fn(x, teacher, temperature=tau, labels=labels, use_kernel=False, **kw)
+
+    def ours(x: torch.Tensor) -> torch.Tensor:
+        return fn(x, teacher, temperature=tau, labels=labels, use_kernel=True, **kw)
+
+    out: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"eager": eager, "ours": ours}
+    liger = liger_module()
+    beta = liger_beta(args.loss, args.beta)
+    if liger is not None and beta is not None:
+        jsd = liger.LigerJSD(beta=beta, ignore_index=-100)
+
+        def liger_step(x: torch.Tensor) -> torch.Tensor:
+            # Liger takes log-probabilities: the log_softmax of both sides is part of its cost here, as our
+            # API takes raw logits. Temperature by scaling the logits; tau^2 as in our convention.
+            log_q = torch.log_softmax(x / tau, dim=-1)
+            log_p = torch.log_softmax(teacher / tau, dim=-1)
+            return jsd(log_q, log_p, labels) * (tau * tau)
+
+        out["liger"] = liger_step
+    return out
+
+
+def fused_linear_steps(args: argparse.Namespace, hidden_s: torch.Tensor, weight_s: torch.Tensor,
+                       hidden_t: torch.Tensor, weight_t: torch.Tensor,
+                       labels: torch.Tensor | None) -> dict[str, Callable[..., torch.Tensor]]:
+    from compress.distill import losses as L
+
+    kw = dict(kind=args.loss, beta=args.beta, alpha=args.alpha, temperature=args.temperature, labels=labels)
+    out: dict[str, Callable[..., torch.Tensor]] = {
+        "eager": lambda h, w: L.fused_linear_kd(h, w, (hidden_t, weight_t), use_kernel=False, **kw),
+        "ours": lambda h, w: L.fused_linear_kd(h, w, (hidden_t, weight_t), use_kernel=True, **kw),
+    }
+    liger = liger_module()
+    beta = liger_beta(args.loss, args.beta)
+    if liger is not None and beta is not None and hasattr(liger, "LigerFusedLinearJSD"):
+        try:
+            mod = liger.LigerFusedLinearJSD(jsd_beta=beta, ignore_index=-100, temperature=args.temperature)
+        except TypeError:  # older releases have no ignore_index
+            mod = liger.LigerFusedLinearJSD(jsd_beta=beta, temperature=args.temperature)
+
+        def liger_step(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            if labels is None:
+                return mod(h, w, hidden_t, weight_t)
+            return mod(h, w, hidden_t, weight_t, labels)
+
+        out["liger"] = liger_step
+    return out
+
+
+def run_case(args: argparse.Namespace, vocab: int, tokens: int) -> Row:
+    dtype = DTYPES[args.dtype]
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    row = Row(vocab=vocab, tokens=tokens)
+    labels = None
+    if args.ignore_frac > 0:
+        labels = torch.randint(0, vocab, (tokens,), device=dev, generator=gen)
+        labels[torch.rand(tokens, device=dev, generator=gen) < args.ignore_frac] = -100
+    losses: dict[str, torch.Tensor] = {}
+    if args.fused_linear:
+        h = args.hidden
+        hs = torch.randn(tokens, h, device=dev, dtype=dtype, generator=gen)
+        ws = (torch.randn(vocab, h, device=dev, dtype=dtype, generator=gen) * h**-0.5)
+        ht = torch.randn(tokens, h, device=dev, dtype=dtype, generator=gen)
+        wt = (torch.randn(vocab, h, device=dev, dtype=dtype, generator=gen) * h**-0.5)
+        steps = fused_linear_steps(args, hs, ws, ht, wt, labels)
+        for name in args.impls:
+            if name not in steps:
+                row.cells[name] = Cell(note="n/a")
+                continue
+
+            def step(fn: Callable[..., torch.Tensor] = steps[name], name: str = name) -> None:
+                hh = hs.detach().requires_grad_()
+                ww = ws.detach().requires_grad_()
+                loss = fn(hh, ww)
+                loss.backward()
+                losses[name] = loss.detach()
+
+            row.cells[name] = measure(step, args.warmup, args.iters)
+    else:
+        student = torch.randn(tokens, vocab, device=dev, dtype=dtype, generator=gen) * 2
+        teacher = torch.randn(tokens, vocab, device=dev, dtype=dtype, generator=gen) * 2
+        steps = logit_steps(args, teacher, labels)
+        for name in args.impls:
+            if name not in steps:
+                row.cells[name] = Cell(note="n/a")
+                continue
+
+            def step(fn: Callable[..., torch.Tensor] = steps[name], name: str = name) -> None:
+                x = student.detach().requires_grad_()
+                loss = fn(x)
+                loss.backward()
+                losses[name] = loss.detach()
+
+            row.cells[name] = measure(step, args.warmup, args.iters)
+    if "eager" in losses and "ours" in losses:
+        row.max_abs_diff = abs(float(losses["eager"]) - float(losses["ours"]))
+    return row
+
+
+def _fmt(cell: Cell | None, what: str) -> str:
+    if cell is None:
+        return "-"
+    if cell.note:
+        return cell.note
+    value = cell.ms if what == "ms" else cell.peak_mib
+    return f"{value:.2f}" if what == "ms" else f"{value:.0f}"
+
+
+def _ratio(num: Cell | None, den: Cell | None, what: str) -> str:
+    if num is None or den is None or num.note or den.note:
+        return "-"
+    a = num.ms if what == "ms" else num.peak_mib
+    b = den.ms if what == "ms" else den.peak_mib
+    if a is None or b is None or b == 0:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def render(rows: list[Row], args: argparse.Namespace) -> str:
+    head = ["V", "tokens", "eager ms", "ours ms", "liger ms", "eager/ours", "liger/ours",
+            "eager MiB", "ours MiB", "liger MiB", "ours/liger mem", "|dloss|"]
+    lines = [head]
+    for r in rows:
+        e, o, g = r.cells.get("eager"), r.cells.get("ours"), r.cells.get("liger")
+        lines.append([
+            f"{r.vocab:,}", f"{r.tokens:,}", _fmt(e, "ms"), _fmt(o, "ms"), _fmt(g, "ms"),
+            _ratio(e, o, "ms"), _ratio(g, o, "ms"),
+            _fmt(e, "mem"), _fmt(o, "mem"), _fmt(g, "mem"), _ratio(o, g, "mem"),
+            "-" if r.max_abs_diff is None else f"{r.max_abs_diff:.1e}",
+        ])
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+    out = [f"kd_loss benchmark: loss={args.loss} dtype={args.dtype} tau={args.temperature} "
+           f"{'fused-linear hidden=' + str(args.hidden) if args.fused_linear else 'on logits'}; "
+           f"device={torch.cuda.get_device_name()}; speed-ups > 1 mean ours is faster"]
+    for i, line in enumerate(lines):
+        out.append("  ".join(str(c).rjust(w) for c, w in zip(line, widths)))
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kd_loss benchmark: no CUDA GPU here (torch.cuda.is_available() is False); it measures GPU "
+              "kernels, so nothing was measured. Run it on a machine with an NVIDIA GPU and triton.",
+              file=sys.stderr)
+        return 2
+    from compress.kernels import triton_installed
+
+    if not triton_installed():
+        print("kd_loss benchmark: triton is not installed (`pip install triton`); nothing was measured.",
+              file=sys.stderr)
+        return 2
+    if "liger" in args.impls and liger_module() is None:
+        print("note: liger_kernel is not installed; its columns read n/a (`pip install liger-kernel`).",
+              file=sys.stderr)
+    rows = []
+    for vocab in args.vocab:
+        for tokens in args.tokens:
+            rows.append(run_case(args, vocab, tokens))
+            print(f"done V={vocab} tokens={tokens}", file=sys.stderr, flush=True)
+    print(render(rows, args))
+    if args.json is not None:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

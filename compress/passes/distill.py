@@ -1,0 +1,329 @@
+"""distill: layer- and module-wise knowledge distillation of a student from the teacher.
+
+The student is the artifact's current model (say, a pruned or searched one) or, with `student_layers`, the
+teacher with that many uniformly chosen layers kept (weight inheritance). Losses (weights in `weights`): a
+logit loss (forward/reverse KL, JSD, skew KL, TAID; `logit_loss`), hard-label cross-entropy, hidden-state
+losses over the layer map, attention-probability KL, attention-output MSE, MiniLMv2 Q/K/V relations, and for
+feature-extraction models an embedding loss. Layer losses follow a schedule: every layer every step
+(`uniform`), modules in turn (`round-robin`), or OPTIMA's Thompson-sampling bandit (`optima`).
+Training is resumable mid-pass and runs in several processes with `compress run --nproc N` (DDP)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from compress.artifact import Artifact
+from compress.distill.mapping import MappingConfig
+from compress.distill.schedule import ScheduleConfig
+from compress.distill.trainer import TrainConfig
+from compress.errors import InputError, PassFailed
+from compress.passes.base import Pass, PassContext
+from compress.passes.common import first_split, model_inputs, task_batches
+from compress.registry import register
+
+log = logging.getLogger(__name__)
+
+LogitLoss = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "taid"]
+
+
+class LossWeights(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    logit: float = Field(1.0, ge=0, description="Logit distillation loss (`logit_loss`).")
+    ce: float = Field(0.0, ge=0, description="Hard-label cross-entropy on the data's labels.")
+    hidden: float = Field(1.0, ge=0, description="Hidden-state loss over the layer map (`hidden_loss`).")
+    attention: float = Field(0.0, ge=0, description="KL between teacher and student attention probabilities (valid tokens).")
+    attention_output: float = Field(0.0, ge=0, description="MSE between attention sub-layer outputs.")
+    relation: float = Field(0.0, ge=0, description="MiniLMv2 Q/K/V self-relation KL between the last layers.")
+    embedding: float = Field(1.0, ge=0, description="Feature extraction: 1 - cosine of the mean-pooled embeddings.")
+
+
+class DistillConfig(TrainConfig):
+    student_layers: int | None = Field(
+        None, gt=0, description="Make the student from the teacher with this many uniformly chosen layers "
+        "(weight inheritance); None: distil into the artifact's current model.")
+    logit_loss: LogitLoss = Field("forward_kl", description="Which logit loss.")
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature of the logit loss.")
+    beta: float = Field(0.5, ge=0, le=1, description="JSD mixture weight (0: forward KL, 1: reverse KL).")
+    alpha: float = Field(0.1, ge=0, le=1, description="Skew of skew KL / skew reverse KL.")
+    hidden_loss: Literal["mse", "cosine"] = Field("mse", description="Hidden-state loss: MSE or 1 - cosine.")
+    relation_heads: int | None = Field(None, gt=0, description="MiniLMv2 relation heads (default: the student's attention heads).")
+    weights: LossWeights = Field(default_factory=LossWeights, description="Weight of each loss term.")
+    mapping: MappingConfig = Field(default_factory=MappingConfig, description="Which teacher layer each student layer learns from.")
+    schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig(kind="uniform"),
+                                     description="When each layer's losses are on: uniform, round-robin or optima.")
+    reference_examples: int = Field(32, gt=0, description="Held-out examples of the fixed batch whose loss decrease rewards OPTIMA.")
+    max_length: int | None = Field(None, gt=0, description="Max tokens per example (default: model.max_length).")
+    nproc: int | None = Field(None, gt=0, description="Training processes (DDP through torchrun); default: `compress run --nproc`, else 1.")
+    save_schedule_plot: bool = Field(True, description="Write the OPTIMA arm-per-round plot next to the student.")
+
+
+class _RefState:
+    """The last reference loss, checkpointed with the trainer so a resumed run rewards the bandit the same."""
+
+    def __init__(self) -> None:
+        self.prev: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"prev": self.prev}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.prev = state.get("prev")
+
+
+def _mean_pool(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return h.mean(1)
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+@register
+class Distill(Pass):
+    """Distil the teacher into the student: logit, hidden, attention and relation losses; OPTIMA schedule."""
+
+    type = "distill"
+    Config = DistillConfig
+    version = "1"
+    uses_data = ("train", "eval")
+
+    def validate(self, run: Any) -> str | None:
+        cfg: DistillConfig = self.config  # type: ignore[assignment]
+        if run.data.train is None:
+            return "distill needs data.train"
+        if run.model.task == "feature-extraction" and cfg.weights.ce > 0:
+            return "weights.ce: feature-extraction data has no labels to train on; set it to 0"
+        return None
+
+    # ------------------------------------------------------------------ entry
+    def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
+        from compress.distill.trainer import distributed_env, launch_distributed
+
+        cfg: DistillConfig = self.config  # type: ignore[assignment]
+        nproc = cfg.nproc or int(os.environ.get("COMPRESS_NPROC", "1") or 1)
+        if nproc > 1 and distributed_env() is None:
+            spec = ctx.work_dir / "ddp-spec.json"
+            spec.write_text(json.dumps({
+                "run": ctx.run.model_dump(mode="json"), "source": str(ctx.run.source) if ctx.run.source else None,
+                "config": cfg.model_dump(mode="json"), "artifact": artifact.to_json(Path("/")),
+                "label": ctx.label, "out_dir": str(ctx.out_dir), "work_dir": str(ctx.work_dir), "seed": ctx.seed,
+            }))
+            code = launch_distributed(nproc, ["-m", "compress.passes.distill", str(spec)])
+            if code != 0:
+                raise PassFailed(ctx.label, f"distributed training with {nproc} processes exited with code {code}")
+            result = json.loads((ctx.out_dir / "distill-result.json").read_text())
+            (ctx.out_dir / "distill-result.json").unlink()
+            ctx.metrics.update(result["metrics"], nproc=nproc)  # type: ignore[attr-defined]
+            ctx.events.extend(result["events"])
+            return artifact.replace(model_dir=ctx.out_dir / "model")
+        return self.train(artifact, ctx)
+
+    def train(self, artifact: Artifact, ctx: PassContext) -> Artifact:
+        from compress.distill import losses
+        from compress.distill.mapping import dynamic_map
+        from compress.distill.schedule import make_scheduler, plot_schedule, relative_decrease
+        from compress.distill.trainer import StepOutput, Trainer, distributed_env, prepare_teacher
+        from compress.models import get_adapter
+        from compress.search.inherit import student_from_teacher
+
+        cfg: DistillConfig = self.config  # type: ignore[assignment]
+        task = ctx.run.model.task
+        teacher = prepare_teacher(ctx.load_teacher(artifact), cfg)
+        if cfg.student_layers is not None:
+            student, kept = student_from_teacher(ctx.load_teacher(artifact), cfg.student_layers)
+            ctx.metrics["inherited_layers"] = [k + 1 for k in kept]  # type: ignore[attr-defined]
+        else:
+            student = ctx.load_student(artifact)
+        device = ctx.device
+        teacher.to(device)
+        student.to(device).train()
+        pre = ctx.load_preprocessor(artifact)
+        s_ad, t_ad = get_adapter(student), get_adapter(teacher)
+        pairs = cfg.mapping.resolve(s_ad.num_layers, t_ad.num_layers)
+        w = cfg.weights
+        feat = task == "feature-extraction"
+        ds, dt = s_ad.hidden_size, t_ad.hidden_size
+        projections = nn.ModuleDict()
+        need_proj = (w.hidden > 0 or w.attention_output > 0 or (feat and w.embedding > 0))
+        if need_proj:
+            for s in sorted({s for s, _ in pairs} | ({s_ad.num_layers} if feat else set())):
+                projections[str(s)] = losses.HiddenProjector(ds, dt)
+        projections.to(device)
+
+        ref_split = first_split(ctx, "eval", "train")
+        ref_batch = model_inputs(next(iter(task_batches(
+            ctx, ref_split, pre, batch_size=cfg.reference_examples, limit=cfg.reference_examples,
+            max_length=cfg.max_length, model=teacher))))
+        ref_batch = {k: v.to(device) for k, v in ref_batch.items()}
+
+        if cfg.mapping.strategy == "dynamic":
+            with torch.no_grad(), s_ad.capture(detach=True) as sc, t_ad.capture(detach=True) as tc:
+                student(**ref_batch)
+                teacher(**ref_batch)
+                pairs = dynamic_map(sc.hidden_states, tc.hidden_states, projections if len(projections) else None,
+                                    attention_mask=ref_batch.get("attention_mask"))
+        ctx.metrics["layer_map"] = [list(p) for p in pairs]  # type: ignore[attr-defined]
+
+        sched_cfg = cfg.schedule
+        if isinstance(sched_cfg.modules, int) and sched_cfg.modules > s_ad.num_layers:  # a shallow student: one layer a module
+            sched_cfg = sched_cfg.model_copy(update={"modules": s_ad.num_layers})
+        sched = make_scheduler(sched_cfg, s_ad.num_layers)
+        ref_state = _RefState()
+        taid = losses.TAID() if cfg.logit_loss == "taid" else None
+        caps = dict(hidden_states=w.hidden > 0 or feat, attentions=w.attention > 0,
+                    attention_outputs=w.attention_output > 0, qkv=w.relation > 0)
+
+        def logit_term(s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+            if task == "causal-lm":  # position t predicts token t+1; score the positions with a label
+                s_logits, t_logits = s_logits[:, :-1], t_logits[:, :-1]
+                labels = labels[:, 1:] if labels is not None else None
+                s_logits = s_logits.reshape(-1, s_logits.shape[-1])
+                t_logits = t_logits.reshape(-1, t_logits.shape[-1])
+                labels = labels.reshape(-1) if labels is not None else None
+            else:
+                labels = None
+            kw: dict[str, Any] = {"temperature": cfg.temperature, "labels": labels}
+            if taid is not None:
+                return taid(s_logits, t_logits, **kw)
+            if cfg.logit_loss == "jsd":
+                kw["beta"] = cfg.beta
+            elif cfg.logit_loss in ("skew_kl", "skew_reverse_kl"):
+                kw["alpha"] = cfg.alpha
+            return getattr(losses, cfg.logit_loss)(s_logits, t_logits, **kw)
+
+        def embedding_term(s_h: torch.Tensor, t_h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            s_e = projections[str(s_ad.num_layers)](_mean_pool(s_h, mask))
+            return 1 - torch.nn.functional.cosine_similarity(s_e, _mean_pool(t_h, mask), dim=-1).mean()
+
+        def forward_both(batch: dict[str, torch.Tensor], capture: dict[str, bool], model: nn.Module = student
+                         ) -> tuple[Any, Any, Any, Any]:
+            inputs = model_inputs(batch)
+            with torch.no_grad(), t_ad.capture(detach=True, **capture) as tc:
+                t_out = teacher(**inputs)
+            with s_ad.capture(**capture) as sc:
+                s_out = model(**(batch if (w.ce > 0 and "labels" in batch and not feat) else inputs))
+            return s_out, t_out, sc, tc
+
+        def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> StepOutput:
+            active = sched.active_layers(step - 1)
+            s_out, t_out, sc, tc = forward_both(batch, caps, model)
+            mask = batch.get("attention_mask")
+            terms: dict[str, torch.Tensor] = {}
+            if feat:
+                if w.embedding > 0:
+                    terms["embedding"] = embedding_term(s_out.last_hidden_state, t_out.last_hidden_state, mask)
+            else:
+                if w.logit > 0:
+                    terms["logit"] = logit_term(s_out.logits, t_out.logits, batch.get("labels"))
+                if w.ce > 0 and getattr(s_out, "loss", None) is not None:
+                    terms["ce"] = s_out.loss
+            live = [(s, t) for s, t in pairs if s in active or s == 0]
+            if w.hidden > 0 and live:
+                fn = losses.hidden_mse if cfg.hidden_loss == "mse" else losses.hidden_cosine
+                terms["hidden"] = sum(
+                    fn(sc.hidden_states[s], tc.hidden_states[t], projections[str(s)]) for s, t in live) / len(live)
+            blocks = [(s, t) for s, t in live if s >= 1 and t >= 1]
+            if w.attention > 0 and blocks:
+                terms["attention"] = sum(
+                    losses.attention_kl(sc.attentions[s - 1], tc.attentions[t - 1], mask) for s, t in blocks) / len(blocks)
+            if w.attention_output > 0 and blocks:
+                terms["attention_output"] = sum(
+                    losses.attention_output_mse(projections[str(s)](sc.attention_outputs[s - 1]),
+                                                tc.attention_outputs[t - 1], mask) for s, t in blocks) / len(blocks)
+            if w.relation > 0:
+                heads = cfg.relation_heads or s_ad.num_heads
+                terms["relation"] = losses.minilm_relation_kl(sc.q[-1], sc.k[-1], sc.v[-1], tc.q[-1], tc.k[-1], tc.v[-1],
+                                                              mask, heads)
+            weight = {"logit": w.logit, "ce": w.ce, "hidden": w.hidden, "attention": w.attention,
+                      "attention_output": w.attention_output, "relation": w.relation, "embedding": w.embedding}
+            total = sum(weight[k] * v for k, v in terms.items())
+            if not isinstance(total, torch.Tensor):
+                raise InputError(f"passes: '{ctx.label}'.weights: every loss weight is 0 for this task; set one above 0")
+            return StepOutput(loss=total, terms={k: float(v.detach()) for k, v in terms.items()})
+
+        def reference_loss() -> float:
+            was_training = student.training
+            student.eval()
+            with torch.no_grad():
+                s_out, t_out, _, _ = forward_both(ref_batch, {})
+                mask = ref_batch.get("attention_mask")
+                if feat:
+                    value = embedding_term(s_out.last_hidden_state, t_out.last_hidden_state, mask)
+                else:
+                    value = logit_term(s_out.logits, t_out.logits, ref_batch.get("labels"))
+            student.train(was_training)
+            return float(value)
+
+        def on_step_end(step: int, out: StepOutput) -> None:
+            if taid is not None:
+                taid.update(out.loss if isinstance(out.loss, float) else float(out.loss))
+            if cfg.schedule.kind == "optima" and step % sched.interval == 0:
+                new = reference_loss()
+                reward = relative_decrease(ref_state.prev, new) if ref_state.prev is not None else 0.0
+                sched.update(reward)
+                ref_state.prev = new
+
+        if cfg.schedule.kind == "optima":
+            ref_state.prev = reference_loss()
+
+        def batches(epoch: int) -> Any:
+            return task_batches(ctx, "train", pre, batch_size=cfg.batch_size, shuffle=True, seed=ctx.seed + epoch,
+                                max_length=cfg.max_length, model=teacher)
+
+        tcfg = TrainConfig(**{**{k: getattr(cfg, k) for k in TrainConfig.model_fields}, "seed": ctx.seed})
+        extra_state: dict[str, Any] = {"schedule": sched, "reference": ref_state}
+        if taid is not None and hasattr(taid, "state_dict"):
+            extra_state["taid"] = taid
+        trainer = Trainer(student, tcfg, loss_fn=loss_fn, train_batches=batches, checkpoint_dir=ctx.work_dir / "ckpt",
+                          extra_modules={"projections": projections}, extra_state=extra_state,
+                          progress=ctx.progress, on_step_end=on_step_end, label=ctx.label)
+        result = trainer.train()
+        for rnd in sched.history:
+            if rnd.get("reward") is not None:
+                ctx.event("schedule_round", round=rnd["round"], step=rnd["step"], arms=list(rnd["arms"]),
+                          reward=rnd["reward"])
+        ctx.metrics.update(  # type: ignore[attr-defined]
+            steps=result["steps"], final_loss=result["final_loss"], loss_curve=result["loss_curve"],
+            resumed_from=result.get("resumed_from"), student_layers=s_ad.num_layers,
+            student_params=sum(p.numel() for p in student.parameters()),
+            teacher_params=sum(p.numel() for p in teacher.parameters()),
+        )
+        if distributed_env() is not None and distributed_env()[0] != 0:  # type: ignore[index]
+            return artifact
+        folder = ctx.save_student(student.cpu(), pre)
+        if cfg.schedule.kind == "optima" and cfg.save_schedule_plot and sched.history:
+            plot_schedule(sched.history, ctx.out_dir / "schedule.png", title=f"{ctx.label}: OPTIMA arm per round")
+        return artifact.replace(model_dir=folder)
+
+
+def _worker(spec_path: str) -> int:
+    """Entry of each torchrun process for `--nproc N`: rebuild the pass context and train; rank 0 saves."""
+    from compress.config import parse_config
+    from compress.distill.trainer import distributed_env
+    from compress.passes.base import DataProvider
+
+    spec = json.loads(Path(spec_path).read_text())
+    source = Path(spec["source"]) if spec["source"] else None
+    run = parse_config(spec["run"], file=str(source or "<config>"), source=source, check_passes=False)
+    ctx = PassContext(run=run, label=spec["label"], out_dir=Path(spec["out_dir"]), work_dir=Path(spec["work_dir"]),
+                      seed=spec["seed"], data=DataProvider(run))
+    ctx.metrics = {}  # type: ignore[attr-defined]
+    ctx.seed_everything()
+    artifact = Artifact.from_json(spec["artifact"], Path("/"))
+    Distill(DistillConfig.model_validate(spec["config"])).train(artifact, ctx)
+    env = distributed_env()
+    if env is None or env[0] == 0:
+        (ctx.out_dir / "distill-result.json").write_text(json.dumps({"metrics": ctx.metrics, "events": ctx.events},  # type: ignore[attr-defined]
+                                                                    default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1]))

@@ -1,0 +1,268 @@
+"""The fused Triton kernels (compress.kernels) against the float64 reference, run on CPU under Triton's
+interpreter.
+
+``TRITON_INTERPRET=1`` must be set before triton is first imported, and it must not leak into the other
+tests; so this file works in two modes. In the normal pytest run it defines a single test that re-runs this
+same file in a fresh ``python -m pytest`` subprocess with ``TRITON_INTERPRET=1`` and ``COMPRESS_KERNEL_CHILD=1``
+in its environment; in that child the real kernel tests below are defined and run.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_CHILD = "COMPRESS_KERNEL_CHILD"
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+if os.environ.get(_CHILD) != "1":
+
+    @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+    def test_triton_kernels_under_interpreter() -> None:
+        env = {**os.environ, "TRITON_INTERPRET": "1", _CHILD: "1"}
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning",
+               "--rootdir", str(_ROOT), str(Path(__file__).resolve())]
+        proc = subprocess.run(cmd, cwd=_ROOT, env=env, capture_output=True, text=True, timeout=900)
+        report = proc.stdout[-10000:] + proc.stderr[-3000:]
+        assert proc.returncode == 0, report
+        passed = re.search(r"(\d+) passed", proc.stdout)
+        assert passed and int(passed.group(1)) >= 20, report
+        assert "skipped" not in proc.stdout and "failed" not in proc.stdout, report
+
+    _AOT_SCRIPT = """
+import sys
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import triton.backends.nvidia  # noqa: F401
+except Exception as exc:
+    print("no nvidia backend:", exc)
+    sys.exit(3)
+from compress.kernels import kd_loss as K
+
+fn = K._kd_loss_kernel
+names = fn.arg_names
+ptrs = {"S": "*bf16", "T": "*bf16", "G": "*bf16", "LABELS": "*i64", "VMASK": "*i8", "LOSS": "*fp32", "NVALID": "*fp32"}
+ints = {"stride_s": "i64", "stride_t": "i64", "stride_g": "i64", "n_cols": "i32", "ignore_index": "i32"}
+for kind in range(5):
+    const = {"KIND": kind, "HAS_LABELS": True, "HAS_MIX": kind == 0, "HAS_VMASK": True, "WRITE_GRAD": True,
+             "BLOCK": K.MAX_BLOCK_GPU}
+    sig = {n: "constexpr" if n in const else ptrs.get(n, ints.get(n, "fp32")) for n in names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert "cubin" in compiled.asm, sorted(compiled.asm)
+    print("compiled kind", kind)
+"""
+
+    @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+    def test_kernels_compile_for_sm90_without_a_gpu(tmp_path: Path) -> None:
+        """The interpreter does not catch what only the compiler rejects: compile every kind ahead of time
+        for an H100 (sm_90) target, down to a cubin, which needs no GPU."""
+        env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", _CHILD)}
+        env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+        env["PYTHONWARNINGS"] = "ignore"
+        proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], cwd=_ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+        if proc.returncode == 3:
+            pytest.skip(proc.stdout.strip())
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        assert proc.stdout.count("compiled kind") == 5
+
+else:
+    from compress.distill import losses as L
+    from compress.kernels import KERNEL_KINDS, interpreter_enabled, kernel_usable
+
+    assert interpreter_enabled(), "the child run needs TRITON_INTERPRET=1"
+    from compress.kernels import kd_loss as K  # noqa: E402  (imports triton, after the env var)
+
+    V = 300  # not a power of two nor a multiple of any block
+    MASKED = [0, 5, 6, 150, 299]
+    FNS = {
+        "forward_kl": (L.forward_kl, {}),
+        "reverse_kl": (L.reverse_kl, {}),
+        "jsd": (L.jsd, {"beta": 0.3}),
+        "jsd_beta0": (L.jsd, {"beta": 0.0}),
+        "jsd_beta1": (L.jsd, {"beta": 1.0}),
+        "skew_kl": (L.skew_kl, {"alpha": 0.1}),
+        "skew_reverse_kl": (L.skew_reverse_kl, {"alpha": 0.2}),
+        "taid": (L.taid, {"t": 0.6}),
+    }
+
+    def hand_rows(s: torch.Tensor, teacher: torch.Tensor, name: str, tau: float, **kw: float) -> torch.Tensor:
+        """Per-row divergence in float64 from the definitions (inputs without masked columns)."""
+        xs = s.double() / tau
+        xt = teacher.double() / tau
+        if name == "taid":
+            xt = (1 - kw["t"]) * xs.detach() + kw["t"] * xt
+        q = torch.softmax(xs, -1)
+        p = torch.softmax(xt, -1)
+
+        def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return (a * (a.log() - b.log())).sum(-1)
+
+        if name in ("forward_kl", "taid", "jsd_beta0"):
+            return kl(p, q)
+        if name in ("reverse_kl", "jsd_beta1"):
+            return kl(q, p)
+        if name == "jsd":
+            m = kw["beta"] * p + (1 - kw["beta"]) * q
+            return kw["beta"] * kl(p, m) + (1 - kw["beta"]) * kl(q, m)
+        if name == "skew_kl":
+            return kl(p, kw["alpha"] * p + (1 - kw["alpha"]) * q)
+        if name == "skew_reverse_kl":
+            return kl(q, (1 - kw["alpha"]) * p + kw["alpha"] * q)
+        raise AssertionError(name)
+
+    def make(shape: tuple[int, ...], seed: int, dtype: torch.dtype, scale: float = 3.0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    def test_interpreter_is_active() -> None:
+        x = torch.zeros(2, 3)
+        assert kernel_usable(x) and not x.is_cuda
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize("name", sorted(FNS))
+    def test_kernel_matches_float64_reference(name: str, dtype: torch.dtype) -> None:
+        fn, kw = FNS[name]
+        tau = 1.7
+        s = make((2, 5, V), seed=1, dtype=dtype)
+        t = make((2, 5, V + 20), seed=2, dtype=dtype)  # padded teacher vocabulary
+        t[..., V:] = 40.0  # its pad columns would dominate if they were not sliced off
+        s[..., MASKED] = float("-inf")
+        t[..., MASKED] = float("-inf")
+        labels = torch.arange(10).reshape(2, 5)
+        labels[0, 1] = labels[1, 3] = -100
+        x = s.clone().requires_grad_()
+        loss = fn(x, t, temperature=tau, labels=labels, vocab_size=V, use_kernel=True, **kw)
+        (0.5 * loss).backward()  # grad_output != 1 goes through the scaling at backward
+
+        keep = [i for i in range(V) if i not in MASKED]
+        valid = (labels != -100).reshape(-1)
+        x64 = s[..., keep].double().reshape(-1, len(keep))[valid].requires_grad_()
+        t64 = t[..., keep].double().reshape(-1, len(keep))[valid]
+        ref = hand_rows(x64, t64, name, tau, **kw).mean() * tau**2
+        (0.5 * ref).backward()
+
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        assert loss.item() == pytest.approx(ref.item(), rel=2e-5, abs=1e-6)
+        grad = x.grad.float().reshape(-1, V)
+        assert x.grad.dtype == dtype
+        assert torch.count_nonzero(grad[:, MASKED]) == 0
+        assert torch.count_nonzero(grad[~valid]) == 0
+        got = grad[valid][:, keep].double()
+        tol = 1e-6 if dtype == torch.float32 else 1e-2 * x64.grad.abs().max().item()
+        torch.testing.assert_close(got, x64.grad, rtol=1e-4 if dtype == torch.float32 else 1e-2, atol=tol)
+
+    @pytest.mark.parametrize("name", sorted(KERNEL_KINDS))
+    def test_multi_block_online_logsumexp(name: str) -> None:
+        """Blocks of 64 over 300 columns (a tail of 44), one block entirely masked, large logits."""
+        n = 6
+        s = make((n, V), seed=3, dtype=torch.float32, scale=8.0)
+        t = make((n, V), seed=4, dtype=torch.float32, scale=8.0)
+        s[:, 64:128] = float("-inf")
+        t[:, 64:128] = float("-inf")
+        s[:, 200] += 60.0  # a late maximum forces the online rescaling
+        kind = KERNEL_KINDS[name]
+        c_t, c_s = {"jsd": (0.4, 0.6), "skew_kl": (0.1, 0.9), "skew_reverse_kl": (0.9, 0.1)}.get(name, (0.0, 0.0))
+        labels = torch.tensor([0, -100, 2, 3, -100, 5])
+        n_valid = torch.tensor([4.0])
+        outs = []
+        for block in (64, 512):
+            g = torch.full_like(s, float("nan"))  # every entry must be written
+            rows = K.kd_loss_rows(s, t, kind=kind, n_valid=n_valid, temperature=2.0, c_teacher=c_t, c_student=c_s,
+                                  labels=labels, grad=g, block_size=block)
+            outs.append((rows, g))
+        (r64, g64), (r512, g512) = outs
+        assert torch.isfinite(g64).all() and torch.isfinite(r64).all()
+        torch.testing.assert_close(r64, r512, rtol=1e-5, atol=1e-7)
+        # fp32 rounding differs with the block size; |x| reaches 34, where one ulp is ~4e-6
+        torch.testing.assert_close(g64, g512, rtol=1e-5, atol=2e-6)
+        keep = [i for i in range(V) if not 64 <= i < 128]
+        valid = labels != -100
+        x64 = s[valid][:, keep].double().requires_grad_()
+        kw = {"beta": c_t} if name == "jsd" else {"alpha": c_t if name == "skew_kl" else c_s}
+        ref = hand_rows(x64, t[valid][:, keep], name, 2.0, **kw) * 4.0 / 4.0
+        ref.sum().backward()
+        torch.testing.assert_close(r64[valid].double(), ref.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g64[valid][:, keep].double(), x64.grad, rtol=1e-4, atol=2e-6)
+        assert torch.count_nonzero(r64[~valid]) == 0 and torch.count_nonzero(g64[~valid]) == 0
+
+    def test_kernel_equals_reference_fp16_and_no_grad() -> None:
+        s = make((8, 123), seed=5, dtype=torch.float16, scale=2.0)
+        t = make((8, 123), seed=6, dtype=torch.float16, scale=2.0)
+        for fn, kw in FNS.values():
+            ker = fn(s, t, temperature=0.7, use_kernel=True, **kw)  # student without grad: loss only
+            ref = fn(s, t, temperature=0.7, use_kernel=False, **kw)
+            assert ker.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
+        x = s.clone().requires_grad_()
+        y = s.clone().requires_grad_()
+        L.skew_reverse_kl(x, t, use_kernel=True).backward()
+        L.skew_reverse_kl(y, t, use_kernel=False).backward()
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-2, atol=1e-4)
+
+    def test_taid_object_dispatches_to_kernel() -> None:
+        sched = L.TAID(t_start=0.5)
+        s, t = make((4, 50), seed=7, dtype=torch.float32), make((4, 50), seed=8, dtype=torch.float32)
+        assert sched(s, t, use_kernel=True).item() == pytest.approx(sched(s, t, use_kernel=False).item(), rel=1e-5)
+
+    @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "taid"])
+    def test_fused_linear_kd_matches_reference(kind: str) -> None:
+        torch.manual_seed(9)
+        n, d_s, d_t = 11, 16, 24
+        h = torch.randn(n, d_s)
+        w = torch.randn(V + 4, d_s) * 0.4  # student head padded by 4 rows
+        ht, wt = torch.randn(n, d_t), torch.randn(V, d_t) * 0.4
+        labels = torch.arange(n)
+        labels[[2, 7]] = -100
+        teacher: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+        teacher = (ht, wt) if kind != "jsd" else ht @ wt.t()  # the teacher as logits once
+        res = []
+        for use_kernel in (True, False):
+            hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+            loss = L.fused_linear_kd(hh, ww, teacher, kind=kind, beta=0.6, alpha=0.2, taid_t=0.7, temperature=1.5,
+                                     labels=labels, vocab_size=V, chunk_size=4, use_kernel=use_kernel)
+            (2.0 * loss).backward()
+            res.append((loss.detach(), hh.grad, ww.grad))
+        (lk, hk, wk), (lr, hr, wr) = res
+        assert lk.item() == pytest.approx(lr.item(), rel=1e-5)
+        torch.testing.assert_close(hk, hr, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(wk, wr, rtol=1e-4, atol=1e-6)
+        assert torch.count_nonzero(wk[V:]) == 0 and torch.count_nonzero(hk[[2, 7]]) == 0
+
+    def test_fused_linear_kd_bf16_and_default_chunks() -> None:
+        torch.manual_seed(10)
+        h = torch.randn(2, 6, 32)
+        w = torch.randn(V, 32) * 0.3
+        t_logits = torch.randn(2, 6, V)
+        hb, wb = h.to(torch.bfloat16).requires_grad_(), w.to(torch.bfloat16).requires_grad_()
+        loss = L.fused_linear_kd(hb, wb, t_logits.to(torch.bfloat16), kind="reverse_kl", use_kernel=True)
+        loss.backward()
+        h64, w64 = hb.detach().double().requires_grad_(), wb.detach().double().requires_grad_()
+        ref = hand_rows((h64 @ w64.t()).reshape(-1, V), t_logits.to(torch.bfloat16).double().reshape(-1, V),
+                        "reverse_kl", 1.0).mean()
+        ref.backward()
+        # the logits themselves are rounded to bf16 on the kernel path
+        assert loss.item() == pytest.approx(ref.item(), rel=2e-2)
+        assert hb.grad.dtype == torch.bfloat16 and wb.grad.dtype == torch.bfloat16
+        for got, want in ((hb.grad, h64.grad), (wb.grad, w64.grad)):
+            err = (got.double() - want).norm() / want.norm()
+            assert err.item() < 3e-2
+        # bf16 activations with an fp32 head (mixed precision): the weight's gradient stays fp32
+        h2, w2 = h.to(torch.bfloat16).requires_grad_(), w.clone().requires_grad_()
+        mixed = L.fused_linear_kd(h2, w2, t_logits, kind="jsd", chunk_size=5, use_kernel=True)
+        mixed.backward()
+        h3, w3 = h.to(torch.bfloat16).requires_grad_(), w.clone().requires_grad_()
+        L.fused_linear_kd(h3, w3, t_logits, kind="jsd", use_kernel=False).backward()
+        assert w2.grad.dtype == torch.float32 and h2.grad.dtype == torch.bfloat16
+        assert ((w2.grad - w3.grad).norm() / w3.grad.norm()).item() < 3e-2
+        assert ((h2.grad.float() - h3.grad.float()).norm() / h3.grad.float().norm()).item() < 3e-2
+        assert K.default_chunk_rows(12, 32, V) == 1 and K.default_chunk_rows(4096, 4096, 32000) == 512
