@@ -144,3 +144,17 @@ def test_distill_ddp_two_processes_matches_one(tmp_path, data_dir):
     b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out2" / "model").state_dict()
     diffs = {k: float((a[k] - b[k]).abs().max()) for k in a}
     assert max(diffs.values()) < 3 * 1e-3 + 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:4]  # <= lr per Adam step
+
+
+def test_distill_teacher_cache_ted_and_8bit_teacher(tmp_path, tiny_bert_dir, data_dir):
+    distill = {"student_layers": 1, "epochs": 2, "batch_size": 32, "lr": 1e-3, "teacher_cache": True,
+               "hidden_loss": "ted", "teacher_quantization": "8bit",
+               "weights": {"logit": 1.0, "hidden": 1.0, "attention": 0.5}}
+    cfg = _cls_config(tiny_bert_dir, data_dir, distill)
+    cfg["passes"] = [cfg["passes"][1]]
+    code, rep = _run(tmp_path, cfg)
+    assert code == 0, rep["error"]
+    m = rep["passes"][0]["metrics"]
+    assert m["steps"] == 6  # 96 rows / 32 = 3 batches an epoch
+    assert m["teacher_cache_misses"] == 3 and m["teacher_cache_hits"] == 3
+    assert all(v == v and v < 50 for v in m["loss_curve"])

@@ -5,17 +5,19 @@ Each export is done once per module (fixtures) because the dynamo exporter takes
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 import transformers as tf
 
 from compress.errors import InputError
-from compress.onnx.export import TASK_OUTPUT, export_onnx, op_counts, optimize_onnx
+from compress.onnx.export import TASK_OUTPUT, accepted_inputs, export_onnx, op_counts, optimize_onnx
 from compress.onnx.parity import check_parity, cosine_similarity
 from compress.onnx.quantize import quantize_dynamic_int8, quantize_static_qdq, quantized_op_counts
 from compress.onnx.runtime import (
@@ -56,6 +58,16 @@ def symbolic_dims(path: Path) -> dict[str, list[str | int]]:
     }
 
 
+def trained_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Jitter every parameter: fresh HF models have all-zero biases and all-one LayerNorm weights, which the
+    exporter deduplicates into shared initializers, hiding what happens to a real (trained) model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    return model
+
+
 # ------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -68,7 +80,7 @@ def bert_cls(onnx_dir: Path) -> tuple[torch.nn.Module, Path]:
     torch.manual_seed(0)
     cfg = tf.BertConfig(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=512, max_position_embeddings=64, num_labels=3)
-    model = tf.BertForSequenceClassification(cfg).eval()
+    model = trained_like(tf.BertForSequenceClassification(cfg)).eval()
     path = export_onnx(model, text_inputs(2, 16, seed=1), onnx_dir / "bert-cls.onnx", task="sequence-classification")
     return model, path
 
@@ -166,6 +178,20 @@ def test_vit_exported_at_batch_one_runs_at_batch_three(onnx_dir: Path) -> None:
     assert res.ok, res
 
 
+def test_inputs_a_model_does_not_take_are_left_out() -> None:
+    distil = tf.DistilBertModel(tf.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=4, hidden_dim=64))
+    assert accepted_inputs(distil, ["input_ids", "attention_mask", "token_type_ids"]) == ["input_ids", "attention_mask"]
+    bert = tf.BertModel(tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      intermediate_size=64))
+    assert accepted_inputs(bert, ["input_ids", "token_type_ids"]) == ["input_ids", "token_type_ids"]
+
+    class KwargsOnly(torch.nn.Module):
+        def forward(self, **kwargs: torch.Tensor) -> torch.Tensor:
+            return kwargs["input_ids"].float()
+
+    assert accepted_inputs(KwargsOnly(), ["input_ids", "token_type_ids"]) == ["input_ids", "token_type_ids"]
+
+
 def test_export_rejects_bad_task_and_inputs(tmp_path: Path) -> None:
     model = torch.nn.Linear(4, 2)
     with pytest.raises(InputError, match="model.task"):
@@ -233,6 +259,48 @@ def test_static_qdq_int8_leaves_no_temp_files(bert_cls: tuple[torch.nn.Module, P
     assert list(cwd.iterdir()) == []  # quant_pre_process ran in a temp folder
     assert sorted(p.name for p in out.iterdir()) == ["static.onnx"]
     assert Path.cwd() == cwd
+
+
+def test_static_qdq_on_the_fused_model(bert_cls: tuple[torch.nn.Module, Path], tmp_path: Path,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    """The fused graph has ORT contrib ops (SkipLayerNormalization...) that plain ONNX shape inference cannot
+    type: pre-processing uses ORT's symbolic shape inference so every MatMul/Gemm input gets calibrated;
+    without it, the Gemm biases cannot be quantized and we fall back to float biases."""
+    _, path = bert_cls
+    fused = tmp_path / "fused.onnx"
+    assert optimize_onnx(path, fused, model_type="bert", num_heads=4, hidden_size=128)
+    calib = [as_numpy(text_inputs(8, 16, seed=40 + i)) for i in range(2)]
+    feed = as_numpy(text_inputs(16, 16, seed=41))
+    ref = run_session(make_session(path), feed)["logits"]
+    counts = {}
+    for pre in (True, False):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="compress.onnx.quantize"):
+            dst = quantize_static_qdq(fused, tmp_path / f"static-{pre}.onnx", calib, pre_process=pre)
+        fell_back = any("float biases" in r.getMessage() for r in caplog.records)
+        assert fell_back is (not pre)
+        counts[pre] = quantized_op_counts(dst)["QuantizeLinear"]
+        assert cosine_similarity(ref, run_session(make_session(dst), feed)["logits"]) > 0.98
+    assert counts[True] > counts[False]  # symbolic shape inference lets more tensors be quantized
+
+
+def _activation_scales(path: Path) -> dict[str, float]:
+    model = onnx.load(str(path))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {n.input[0]: float(inits[n.input[1]]) for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[1] in inits and inits[n.input[1]].size == 1}
+
+
+def test_entropy_calibration_clips_some_ranges(bert_cls: tuple[torch.nn.Module, Path], tmp_path: Path) -> None:
+    """ORT's own entropy defaults degenerate to min-max; ours must really search for thresholds."""
+    _, path = bert_cls
+    calib = [as_numpy(text_inputs(8, 16, seed=30 + i)) for i in range(4)]
+    minmax = _activation_scales(quantize_static_qdq(path, tmp_path / "minmax.onnx", calib, method="minmax"))
+    entropy = _activation_scales(quantize_static_qdq(path, tmp_path / "entropy.onnx", calib, method="entropy"))
+    assert minmax.keys() == entropy.keys() and len(minmax) >= 12
+    # KL thresholds never widen the observed range, and here they do clip at least one tensor
+    assert all(entropy[k] <= minmax[k] * (1 + 1e-5) for k in minmax)
+    assert sum(entropy[k] < 0.99 * minmax[k] for k in minmax) >= 1
 
 
 def test_static_qdq_rejects_bad_input(bert_cls: tuple[torch.nn.Module, Path], tmp_path: Path) -> None:
@@ -330,7 +398,7 @@ def test_other_families_export_with_parity(family: str, tmp_path: Path) -> None:
     elif family == "distilbert":
         model = tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
             vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64))
-        task, token_types = "sequence-classification", False
+        task, token_types = "sequence-classification", True  # a BERT tokenizer's extra input: left out
     else:
         model = tf.LlamaForCausalLM(tf.LlamaConfig(
             vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -338,5 +406,6 @@ def test_other_families_export_with_parity(family: str, tmp_path: Path) -> None:
         task, token_types = "causal-lm", False
     model.eval()
     path = export_onnx(model, text_inputs(2, 12, seed=16, token_types=token_types), tmp_path / f"{family}.onnx", task=task)
+    assert "token_type_ids" not in {i.name for i in make_session(path).get_inputs()}
     res = check_parity(model, path, text_inputs(3, 21, seed=17, token_types=token_types), task=task, atol=1e-4)
     assert res.ok, res

@@ -77,6 +77,12 @@ def test_rerun_hits_cache_and_invalidation(full_run, capsys):
     assert _statuses(out) == {"finetune": "cached", "export": "cached", "ptq": "ran", "evaluate": "ran"}
     assert (out / "student.int8-static.onnx").is_file()
     assert "int8-static" in _report(out)["evaluation"]["variants"]
+    # int8 embeddings: a much smaller file (the word embeddings are most of this tiny model)
+    sizes = _report(out)["passes"][2]["metrics"]
+    assert main(["run", str(cfg), "-q", "--set", "passes.2.quantize_embeddings=true"]) == 0
+    smaller = _report(out)["passes"][2]["metrics"]
+    assert smaller["dynamic_size_mb"] < 0.5 * sizes["dynamic_size_mb"]
+    assert _report(out)["evaluation"]["variants"]["int8"]["fidelity"] > 0.5
     # --from reruns from that pass even when cached; --until stops after a pass
     assert main(["run", str(cfg), "-q", "--from", "evaluate"]) == 0
     assert _statuses(out)["evaluate"] == "ran" and _statuses(out)["export"] == "cached"

@@ -92,6 +92,20 @@ class TaskOutputModule(nn.Module):
         return select_output(self.model(**kwargs, **self.extra), self.task)
 
 
+def accepted_inputs(model: nn.Module, names: list[str]) -> list[str]:
+    """Which of `names` the model's forward takes. When forward names some of EXPORT_INPUTS explicitly, inputs
+    it does not name are dropped (a BERT tokenizer's token_type_ids given to DistilBERT); a forward that takes
+    only **kwargs keeps them all."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return list(names)
+    explicit = {n for n, p in params.items() if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+    if not explicit & set(EXPORT_INPUTS):
+        return list(names)
+    return [n for n in names if n in explicit]
+
+
 def _check_task(task: str) -> None:
     if task not in TASK_OUTPUT:
         raise InputError(f"model.task: '{task}' is not one of {', '.join(TASK_OUTPUT)}")
@@ -148,8 +162,14 @@ def export_onnx(
     unknown = [k for k in example_inputs if k not in EXPORT_INPUTS]
     if unknown:
         raise InputError(f"export: unsupported input(s) {', '.join(unknown)}; the exporter takes {', '.join(EXPORT_INPUTS)}")
+    keep = accepted_inputs(model, list(example_inputs))
+    if len(keep) < len(example_inputs):
+        log.info("export: %s does not take %s; left out of the graph", type(model).__name__,
+                 ", ".join(k for k in example_inputs if k not in keep))
+    if not keep:
+        raise InputError(f"export: {type(model).__name__}.forward takes none of the inputs given ({', '.join(example_inputs)})")
     device = _model_device(model)
-    inputs = {k: torch.as_tensor(v).to(device) for k, v in example_inputs.items()}
+    inputs = {k: torch.as_tensor(example_inputs[k]).to(device) for k in keep}
     wrapper = TaskOutputModule(model, task)
     shapes = _dynamic_shapes(model, inputs, task) if dynamic else None
     out_name = TASK_OUTPUT[task]

@@ -115,19 +115,50 @@ def _graph_input_specs(model: onnx.ModelProto) -> dict[str, tuple[np.dtype | Non
 
 
 def _pre_process(src: Path, dst: Path, external: bool) -> bool:
-    """ORT's quantization pre-processing (ONNX shape inference + basic graph optimisation). Returns False,
-    leaving `dst` unwritten, when it fails: static quantization then runs on the unprocessed graph."""
+    """ORT's quantization pre-processing: symbolic shape inference (it knows ORT's fused contrib ops, which
+    plain ONNX shape inference does not: without it the calibrator skips their outputs and bias quantization
+    fails), ONNX shape inference and basic graph optimisation. Tried with symbolic shape inference (auto-merging
+    conflicting dims), then without; returns False, leaving `dst` unwritten, when both fail: static
+    quantization then runs on the graph as it is. Runs in dst's folder: it leaves temp files in the cwd."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    try:
-        with _cwd(dst.parent), quiet_logs(root=True):
-            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True, save_as_external_data=external,
-                              all_tensors_to_one_file=True, external_data_location=f"{dst.name}.data")
-    except Exception as exc:  # noqa: BLE001 - shape inference fails on some exotic graphs; quantization still works
-        log.warning("quantization pre-processing failed (%s: %s); quantizing the graph as it is",
-                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        return False
-    return dst.is_file()
+    common = dict(save_as_external_data=external, all_tensors_to_one_file=True, external_data_location=f"{dst.name}.data")
+    attempts = (dict(skip_symbolic_shape=False, auto_merge=True, guess_output_rank=True), dict(skip_symbolic_shape=True))
+    for opts in attempts:
+        try:
+            with _cwd(dst.parent), quiet_logs(root=True), redirect_stdout(io.StringIO()):
+                quant_pre_process(str(src), str(dst), **opts, **common)  # type: ignore[arg-type]
+            if dst.is_file():
+                return True
+        except Exception as exc:  # noqa: BLE001 - shape inference fails on some graphs; quantization still works
+            log.debug("quantization pre-processing %s failed: %s: %s", opts, type(exc).__name__, str(exc).splitlines()[:1])
+    log.warning("quantization pre-processing failed; quantizing %s as it is", src.name)
+    return False
+
+
+ENTROPY_BINS = 512  # histogram bins for the KL (entropy) threshold search; 128 quantized bins (int8)
+
+
+def _entropy_ranges(model: Path, ops: list[str] | None, reader: BatchReader, folder: Path, external: bool) -> Path:
+    """Entropy (KL) calibration with a histogram finer than the quantized one, saved as ORT's calibration cache.
+
+    quantize_static cannot pass histogram sizes to its entropy calibrator, whose defaults (128 bins, 128
+    quantized bins) leave a single candidate threshold: the min-max range. So we calibrate here."""
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    calibrator = create_calibrator(
+        model, ops or sorted(set(QLinearOpsRegistry) | set(QDQRegistry)),
+        augmented_model_path=str(folder / "augmented.onnx"), calibrate_method=CalibrationMethod.Entropy,
+        use_external_data_format=external,
+        extra_options={"num_bins": ENTROPY_BINS, "num_quantized_bins": 128, "symmetric": False},
+    )
+    calibrator.collect_data(reader)
+    ranges = calibrator.compute_data()
+    del calibrator
+    cache = folder / "calibration.json"
+    save_tensors_data(ranges, cache)
+    return cache
 
 
 def quantize_static_qdq(
@@ -158,18 +189,33 @@ def quantize_static_qdq(
             model_in = folder / "pre.onnx"
         specs = _graph_input_specs(onnx.load(str(model_in), load_external_data=False))
         reader = BatchReader(batches, specs)
-        # fused contrib ops have no inferred types; biases stay float where an input has no calibrated scale
-        extra: dict[str, Any] = {"DefaultTensorType": onnx.TensorProto.FLOAT, "QuantizeBias": False}
-        if method == "percentile":
-            extra["CalibPercentile"] = 99.99
+        ops = list(op_types) if op_types else None
+        extra: dict[str, Any] = {}
+        cache: Path | None = None
         # the entropy/percentile calibrators print() their progress: kept out of the user's terminal
-        with _cwd(folder), quiet_logs(root=True), redirect_stdout(io.StringIO()), atomic_onnx_path(dst) as tmp:
-            quantize_static(
-                model_input=str(model_in), model_output=str(tmp), calibration_data_reader=reader,
-                quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types) if op_types else None,
-                per_channel=per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                use_external_data_format=external, calibrate_method=CALIBRATION_METHODS[method], extra_options=extra,
-            )
+        with _cwd(folder), quiet_logs(root=True), redirect_stdout(io.StringIO()):
+            if method == "percentile":
+                extra["CalibPercentile"] = 99.99
+            elif method == "entropy":
+                cache = _entropy_ranges(model_in, ops, reader, folder, external)
+            args = dict(model_input=str(model_in), quant_format=QuantFormat.QDQ, op_types_to_quantize=ops,
+                        per_channel=per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        use_external_data_format=external, calibrate_method=CALIBRATION_METHODS[method],
+                        calibration_cache_path=cache)
+            try:
+                with atomic_onnx_path(dst) as tmp:
+                    reader.rewind()
+                    quantize_static(model_output=str(tmp), calibration_data_reader=None if cache else reader,
+                                    extra_options=extra, **args)  # type: ignore[arg-type]
+            except ValueError as exc:
+                if "quantizing bias" not in str(exc):
+                    raise
+                # a Gemm/Conv input the calibrator could not see (no type known for it): keep biases in float
+                log.warning("static quantization: %s; retrying with float biases", str(exc).splitlines()[0])
+                with atomic_onnx_path(dst) as tmp:
+                    reader.rewind()
+                    quantize_static(model_output=str(tmp), calibration_data_reader=None if cache else reader,
+                                    extra_options=dict(extra, QuantizeBias=False), **args)  # type: ignore[arg-type]
     log.info("static QDQ int8 (%s, %d batches, per_channel=%s): %s -> %s", method, len(batches), per_channel, src.name, dst.name)
     return dst
 

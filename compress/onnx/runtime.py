@@ -152,7 +152,8 @@ def save_model(model: onnx.ModelProto, dst: Path) -> Path:
     dst = Path(dst)
     with atomic_onnx_path(dst) as tmp:
         external = write_proto(model, tmp)
-    log.debug("saved %s (%.2f MiB%s)", dst, onnx_size_mb(dst), ", external data" if external else "")
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("saved %s (%.2f MiB%s)", dst, onnx_size_mb(dst), ", external data" if external else "")
     return dst
 
 
@@ -165,19 +166,34 @@ def load_model(path: Path) -> onnx.ModelProto:
         raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
+class _BelowLevel(logging.Filter):
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
+
+
 @contextmanager
 def quiet_logs(*names: str, level: int = logging.ERROR, root: bool = False) -> Iterator[None]:
-    """Raise the named loggers (and the root logger with `root`: onnxruntime.quantization logs there) to
-    `level` for the duration of a block, then restore them."""
-    loggers = [logging.getLogger(n) for n in names] + ([logging.getLogger()] if root else [])
+    """For the duration of a block, raise the named loggers to `level`, and with `root` drop records below
+    `level` logged on the root logger itself (onnxruntime.quantization calls logging.warning() directly).
+    The root logger's level is left alone, so every other logger (ours included) still reports."""
+    loggers = [logging.getLogger(n) for n in names]
     saved = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(max(lg.getEffectiveLevel(), level))
+    flt = _BelowLevel(level)
+    if root:
+        logging.getLogger().addFilter(flt)
     try:
         yield
     finally:
         for lg, lvl in zip(loggers, saved):
             lg.setLevel(lvl)
+        if root:
+            logging.getLogger().removeFilter(flt)
 
 
 def _first_line(exc: BaseException) -> str:

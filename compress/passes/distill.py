@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
@@ -53,7 +54,9 @@ class DistillConfig(TrainConfig):
     temperature: float = Field(2.0, gt=0, description="Softmax temperature of the logit loss.")
     beta: float = Field(0.5, ge=0, le=1, description="JSD mixture weight (0: forward KL, 1: reverse KL).")
     alpha: float = Field(0.1, ge=0, le=1, description="Skew of skew KL / skew reverse KL.")
-    hidden_loss: Literal["mse", "cosine"] = Field("mse", description="Hidden-state loss: MSE or 1 - cosine.")
+    hidden_loss: Literal["mse", "cosine", "ted"] = Field(
+        "mse", description="Hidden-state loss: MSE, 1 - cosine, or MSE between TED task-aware filters of both sides "
+        "(the teacher-side filter stays fixed; TED's first stage, training it on the task, is not done).")
     relation_heads: int | None = Field(None, gt=0, description="MiniLMv2 relation heads (default: the student's attention heads).")
     weights: LossWeights = Field(default_factory=LossWeights, description="Weight of each loss term.")
     mapping: MappingConfig = Field(default_factory=MappingConfig, description="Which teacher layer each student layer learns from.")
@@ -155,7 +158,13 @@ class Distill(Pass):
         if need_proj:
             for s in sorted({s for s, _ in pairs} | ({s_ad.num_layers} if feat else set())):
                 projections[str(s)] = losses.HiddenProjector(ds, dt)
+        filters = nn.ModuleDict()
+        if cfg.hidden_loss == "ted" and w.hidden > 0:
+            for s, _ in pairs:
+                filters[str(s)] = losses.TaskAwareFilter(ds, dt)
+                filters[str(s)].freeze_teacher()
         projections.to(device)
+        filters.to(device)
 
         ref_split = first_split(ctx, "eval", "train")
         ref_batch = model_inputs(next(iter(task_batches(
@@ -202,11 +211,34 @@ class Distill(Pass):
             s_e = projections[str(s_ad.num_layers)](_mean_pool(s_h, mask))
             return 1 - torch.nn.functional.cosine_similarity(s_e, _mean_pool(t_h, mask), dim=-1).mean()
 
+        cache = None
+        if cfg.teacher_cache:
+            from compress.distill.trainer import TeacherCache
+
+            cache = TeacherCache(ctx.work_dir / "teacher-cache", namespace=json.dumps(
+                [str(artifact.teacher_dir), caps, cfg.max_length], sort_keys=True))
+
+        def run_teacher(inputs: dict[str, torch.Tensor], capture: dict[str, bool]) -> tuple[Any, Any]:
+            with torch.no_grad(), t_ad.capture(detach=True, **capture) as tc:
+                t_out = teacher(**inputs)
+            return t_out, tc
+
+        def cached_teacher(inputs: dict[str, torch.Tensor], capture: dict[str, bool]) -> tuple[Any, Any]:
+            def compute(b: Any) -> dict[str, Any]:
+                t_out, tc = run_teacher(dict(b), capture)
+                return {"out": {k: v for k, v in t_out.items() if k in ("logits", "last_hidden_state")},
+                        "hidden_states": list(tc.hidden_states), "attentions": list(tc.attentions),
+                        "attention_outputs": list(tc.attention_outputs), "q": list(tc.q), "k": list(tc.k),
+                        "v": list(tc.v)}
+
+            got = cache.cached(compute, inputs)  # type: ignore[union-attr]
+            return SimpleNamespace(**got["out"]), SimpleNamespace(**{k: v for k, v in got.items() if k != "out"})
+
         def forward_both(batch: dict[str, torch.Tensor], capture: dict[str, bool], model: nn.Module = student
                          ) -> tuple[Any, Any, Any, Any]:
             inputs = model_inputs(batch)
-            with torch.no_grad(), t_ad.capture(detach=True, **capture) as tc:
-                t_out = teacher(**inputs)
+            use_cache = cache is not None and capture is caps
+            t_out, tc = cached_teacher(inputs, capture) if use_cache else run_teacher(inputs, capture)
             with s_ad.capture(**capture) as sc:
                 s_out = model(**(batch if (w.ce > 0 and "labels" in batch and not feat) else inputs))
             return s_out, t_out, sc, tc
@@ -226,9 +258,13 @@ class Distill(Pass):
                     terms["ce"] = s_out.loss
             live = [(s, t) for s, t in pairs if s in active or s == 0]
             if w.hidden > 0 and live:
-                fn = losses.hidden_mse if cfg.hidden_loss == "mse" else losses.hidden_cosine
-                terms["hidden"] = sum(
-                    fn(sc.hidden_states[s], tc.hidden_states[t], projections[str(s)]) for s, t in live) / len(live)
+                if cfg.hidden_loss == "ted":
+                    hid = [filters[str(s)](sc.hidden_states[s], tc.hidden_states[t], mask) for s, t in live]
+                else:
+                    fn = losses.hidden_mse if cfg.hidden_loss == "mse" else losses.hidden_cosine
+                    hid = [fn(sc.hidden_states[s], tc.hidden_states[t], projections[str(s)], attention_mask=mask)
+                           for s, t in live]
+                terms["hidden"] = sum(hid) / len(hid)
             blocks = [(s, t) for s, t in live if s >= 1 and t >= 1]
             if w.attention > 0 and blocks:
                 terms["attention"] = sum(
@@ -273,8 +309,9 @@ class Distill(Pass):
         if cfg.schedule.kind == "optima":
             ref_state.prev = reference_loss()
 
-        def batches(epoch: int) -> Any:
-            return task_batches(ctx, "train", pre, batch_size=cfg.batch_size, shuffle=True, seed=ctx.seed + epoch,
+        def batches(epoch: int) -> Any:  # with a teacher cache every epoch sees the same batches, so they hit
+            seed = ctx.seed if cfg.teacher_cache else ctx.seed + epoch
+            return task_batches(ctx, "train", pre, batch_size=cfg.batch_size, shuffle=True, seed=seed,
                                 max_length=cfg.max_length, model=teacher)
 
         tcfg = TrainConfig(**{**{k: getattr(cfg, k) for k in TrainConfig.model_fields}, "seed": ctx.seed})
@@ -282,9 +319,11 @@ class Distill(Pass):
         if taid is not None and hasattr(taid, "state_dict"):
             extra_state["taid"] = taid
         trainer = Trainer(student, tcfg, loss_fn=loss_fn, train_batches=batches, checkpoint_dir=ctx.work_dir / "ckpt",
-                          extra_modules={"projections": projections}, extra_state=extra_state,
+                          extra_modules={"projections": projections, "filters": filters}, extra_state=extra_state,
                           progress=ctx.progress, on_step_end=on_step_end, label=ctx.label)
         result = trainer.train()
+        if cache is not None:
+            ctx.metrics.update(teacher_cache_hits=cache.hits, teacher_cache_misses=cache.misses)  # type: ignore[attr-defined]
         for rnd in sched.history:
             if rnd.get("reward") is not None:
                 ctx.event("schedule_round", round=rnd["round"], step=rnd["step"], arms=list(rnd["arms"]),

@@ -66,6 +66,7 @@ def build_report(
                 "duration_s": r.duration_s,
                 "config": r.config,
                 "metrics": r.metrics,
+                "events": r.events,
                 "error": r.error,
             }
             for r in records
