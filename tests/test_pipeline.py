@@ -235,3 +235,17 @@ def test_pipeline_from_pass_list(tmp_path, tiny_bert_dir, data_dir, counter):
     ).run()
     assert result.exit_code == 0 and result.artifact.extra["count"] == 5
     assert [p["label"] for p in result.report["passes"]] == ["test-counter-0", "again"]
+
+
+def test_bench_and_report_commands(full_run, capsys):
+    cfg, out, _ = full_run
+    capsys.readouterr()
+    assert main(["bench", str(out / "student.int8.onnx"), "--seq-len", "16", "--runs", "5", "--warmup", "1", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert 0 < stats["p50_ms"] <= stats["p90_ms"] and stats["runs"] == 5 and stats["size_mb"] > 0
+    assert main(["bench", str(out / "nope.onnx")]) == 2
+    (out / "report.md").unlink()
+    (out / "junit.xml").unlink()
+    assert main(["report", str(out)]) == 0
+    assert "## Models" in (out / "report.md").read_text() and (out / "junit.xml").is_file()
+    assert main(["report", str(out / "model")]) == 2

@@ -219,7 +219,7 @@ def write_plots(out: Path, report: dict[str, Any], records: list[StepRecord]) ->
     ev = report.get("evaluation") or {}
     variants = ev.get("variants", {})
     if variants:
-        names = list(variants)
+        names = [n for n, v in variants.items() if "alias_of" not in v]  # `int8` repeats one of the others
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
         for ax, key, title in zip(
             axes,
@@ -232,7 +232,8 @@ def write_plots(out: Path, report: dict[str, Any], records: list[StepRecord]) ->
                 ax.axhline(ev["teacher"]["quality"], color="k", ls="--", lw=1, label="teacher")
                 ax.legend(loc="lower right")
             ax.set_title(title)
-        fig.suptitle(f"{report['name']}: students in ONNX Runtime")
+            ax.tick_params(axis="x", labelrotation=20)
+        fig.suptitle(f"{report['name']}: students in ONNX Runtime", y=1.04)
         save(fig, "models.png")
 
     for r in records:
@@ -246,10 +247,9 @@ def write_plots(out: Path, report: dict[str, Any], records: list[StepRecord]) ->
             save(fig, f"loss-{r.label}.png")
         rounds = [e for e in r.events if e.get("event") == "schedule_round"]
         if rounds:
-            fig, ax = plt.subplots(figsize=(6, 3.2))
-            ax.scatter([e["step"] for e in rounds], [min(e["arms"]) for e in rounds], s=12)
-            ax.set_xlabel("step")
-            ax.set_ylabel("module (arm)")
-            ax.set_title(f"{r.label}: OPTIMA arm per round")
-            save(fig, f"schedule-{r.label}.png")
+            from compress.distill.schedule import plot_schedule
+
+            name = f"schedule-{r.label}.png"
+            plot_schedule(rounds, out / name, title=f"{r.label}: OPTIMA module (arm) and reward per round")
+            written.append(name)
     return written
