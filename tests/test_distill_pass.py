@@ -158,3 +158,17 @@ def test_distill_teacher_cache_ted_and_8bit_teacher(tmp_path, tiny_bert_dir, dat
     assert m["steps"] == 6  # 96 rows / 32 = 3 batches an epoch
     assert m["teacher_cache_misses"] == 3 and m["teacher_cache_hits"] == 3
     assert all(v == v and v < 50 for v in m["loss_curve"])
+
+
+def test_explicit_seed_is_honoured(tmp_path, tiny_bert_dir, data_dir):
+    curves = {}
+    for name, extra in (("default", {}), ("seed7", {"seed": 7}), ("seed7-again", {"seed": 7})):
+        distill = {"student_layers": 1, "steps": 3, "batch_size": 16, "lr": 1e-3, **extra}
+        cfg = _cls_config(tiny_bert_dir, data_dir, distill)
+        cfg["passes"] = [cfg["passes"][1]]
+        (tmp_path / name).mkdir()
+        code, rep = _run(tmp_path / name, cfg)
+        assert code == 0, rep["error"]
+        curves[name] = rep["passes"][0]["metrics"]["loss_curve"]
+    assert curves["seed7"] == curves["seed7-again"]
+    assert curves["seed7"] != curves["default"]

@@ -64,5 +64,11 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
+def train_seed(cfg: Any, ctx: PassContext) -> int:
+    """The seed a training pass trains with: its own `seed` when the config sets one, else the pass's seed
+    derived from the run's seed and the pass label."""
+    return int(cfg.seed) if "seed" in cfg.model_fields_set else ctx.seed
+
+
 def first_split(ctx: PassContext, *splits: str) -> str | None:
     return next((s for s in splits if ctx.data.has(s)), None)

@@ -27,7 +27,7 @@ from compress.distill.schedule import ScheduleConfig
 from compress.distill.trainer import TrainConfig
 from compress.errors import InputError, PassFailed
 from compress.passes.base import Pass, PassContext
-from compress.passes.common import first_split, model_inputs, task_batches
+from compress.passes.common import first_split, model_inputs, task_batches, train_seed
 from compress.registry import register
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class Distill(Pass):
             spec = ctx.work_dir / "ddp-spec.json"
             spec.write_text(json.dumps({
                 "run": ctx.run.model_dump(mode="json"), "source": str(ctx.run.source) if ctx.run.source else None,
-                "config": cfg.model_dump(mode="json"), "artifact": artifact.to_json(Path("/")),
+                "config": cfg.model_dump(mode="json", exclude_unset=True), "artifact": artifact.to_json(Path("/")),
                 "label": ctx.label, "out_dir": str(ctx.out_dir), "work_dir": str(ctx.work_dir), "seed": ctx.seed,
             }))
             code = launch_distributed(nproc, ["-m", "compress.passes.distill", str(spec)])
@@ -138,6 +138,8 @@ class Distill(Pass):
 
         cfg: DistillConfig = self.config  # type: ignore[assignment]
         task = ctx.run.model.task
+        seed = train_seed(cfg, ctx)
+        torch.manual_seed(seed)  # projections, filters and TAID start the same for the same seed
         teacher = prepare_teacher(ctx.load_teacher(artifact), cfg)
         if cfg.student_layers is not None:
             student, kept = student_from_teacher(ctx.load_teacher(artifact), cfg.student_layers)
@@ -310,11 +312,11 @@ class Distill(Pass):
             ref_state.prev = reference_loss()
 
         def batches(epoch: int) -> Any:  # with a teacher cache every epoch sees the same batches, so they hit
-            seed = ctx.seed if cfg.teacher_cache else ctx.seed + epoch
-            return task_batches(ctx, "train", pre, batch_size=cfg.batch_size, shuffle=True, seed=seed,
+            return task_batches(ctx, "train", pre, batch_size=cfg.batch_size, shuffle=True,
+                                seed=seed if cfg.teacher_cache else seed + epoch,
                                 max_length=cfg.max_length, model=teacher)
 
-        tcfg = TrainConfig(**{**{k: getattr(cfg, k) for k in TrainConfig.model_fields}, "seed": ctx.seed})
+        tcfg = TrainConfig(**{**{k: getattr(cfg, k) for k in TrainConfig.model_fields}, "seed": seed})
         extra_state: dict[str, Any] = {"schedule": sched, "reference": ref_state}
         if taid is not None and hasattr(taid, "state_dict"):
             extra_state["taid"] = taid

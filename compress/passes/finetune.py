@@ -8,7 +8,7 @@ from pydantic import Field
 from compress.artifact import Artifact
 from compress.distill.trainer import TrainConfig
 from compress.passes.base import Pass, PassContext
-from compress.passes.common import task_batches
+from compress.passes.common import task_batches, train_seed
 from compress.registry import register
 
 
@@ -37,11 +37,12 @@ class Finetune(Pass):
         cfg: FinetuneConfig = self.config  # type: ignore[assignment]
         model = ctx.load_student(artifact).to(ctx.device)
         pre = ctx.load_preprocessor(artifact)
-        tcfg = TrainConfig(**{**{k: getattr(cfg, k) for k in TrainConfig.model_fields}, "seed": ctx.seed})
+        seed = train_seed(cfg, ctx)
+        tcfg = TrainConfig(**{**{k: getattr(cfg, k) for k in TrainConfig.model_fields}, "seed": seed})
 
         def batches(epoch: int) -> Any:
             return task_batches(ctx, "train", pre, batch_size=cfg.batch_size, shuffle=True,
-                                seed=ctx.seed + epoch, max_length=cfg.max_length, model=model)
+                                seed=seed + epoch, max_length=cfg.max_length, model=model)
 
         def loss_fn(m: Any, batch: dict[str, Any], step: int) -> StepOutput:
             out = m(**batch)
