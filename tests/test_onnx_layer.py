@@ -284,6 +284,22 @@ def test_static_qdq_on_the_fused_model(bert_cls: tuple[torch.nn.Module, Path], t
     assert counts[True] > counts[False]  # symbolic shape inference lets more tensors be quantized
 
 
+@pytest.mark.parametrize("activations,dtype", [("uint8", np.uint8), ("int8", np.int8)])
+def test_static_qdq_activation_type(bert_cls: tuple[torch.nn.Module, Path], tmp_path: Path, activations: str,
+                                    dtype: type) -> None:
+    """Activations are quantized to the asked type (uint8 is ORT's fast U8S8 path on x86); weights stay int8."""
+    _, path = bert_cls
+    calib = [as_numpy(text_inputs(8, 16, seed=60 + i)) for i in range(2)]
+    dst = quantize_static_qdq(path, tmp_path / f"{activations}.onnx", calib, activations=activations)
+    model = onnx.load(str(dst))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    act_zero_points = {inits[n.input[2]].dtype for n in model.graph.node
+                       if n.op_type == "QuantizeLinear" and n.input[0] not in inits and len(n.input) > 2}
+    assert act_zero_points == {np.dtype(dtype)}
+    with pytest.raises(InputError, match="ptq.activations"):
+        quantize_static_qdq(path, tmp_path / "bad.onnx", calib, activations="int4")
+
+
 def _activation_scales(path: Path) -> dict[str, float]:
     model = onnx.load(str(path))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}

@@ -21,6 +21,9 @@ class PTQConfig(PassConfig):
     )
     primary: Literal["dynamic", "static"] = Field("dynamic", description="Which one becomes the shipped student.int8.onnx.")
     per_channel: bool = Field(True, description="Per-channel weight scales for static quantization.")
+    activations: Literal["uint8", "int8"] = Field(
+        "uint8", description="Static activation type: uint8 (U8S8, ONNX Runtime's fast path on x86 CPUs: 5x faster "
+        "than int8 activations on MiniLM) or int8 (S8S8, for GPU/NPU back-ends that want symmetric int8).")
     calibration: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="Static calibration method.")
     quantize_embeddings: bool = Field(
         False, description="Also store embedding tables (Gather) as int8: much smaller files (the word embeddings "
@@ -35,7 +38,7 @@ class PTQ(Pass):
 
     type = "ptq"
     Config = PTQConfig
-    version = "2"
+    version = "3"
     uses_data = ("calibration", "train")
 
     def validate(self, run: Any) -> str | None:
@@ -75,7 +78,7 @@ class PTQ(Pass):
                 else:
                     assert calib is not None
                     quantize_static_qdq(src, dst, calib, per_channel=cfg.per_channel, method=cfg.calibration,
-                                        op_types=op_types)
+                                        op_types=op_types, activations=cfg.activations)
                 made[method] = dst
                 onnx[f"int8-{method}"] = dst
                 bar.advance()
