@@ -210,14 +210,36 @@ _FRIENDLY = {
 }
 
 
-def format_validation_error(err: ValidationError, file: str, prefix: tuple[Any, ...] = ()) -> str:
+def _fields_at(model: Any, loc: tuple[Any, ...]) -> list[str] | None:
+    """The field names of the (nested) pydantic model that `loc` points into, to suggest what was meant."""
+    import typing
+
+    def models_in(annotation: Any) -> list[Any]:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return [annotation]
+        return [m for arg in typing.get_args(annotation) for m in models_in(arg)]
+
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        found = models_in(field.annotation) if field is not None else []
+        model = found[0] if found else None
+    return sorted(model.model_fields) if model is not None else None
+
+
+def format_validation_error(
+    err: ValidationError, file: str, prefix: tuple[Any, ...] = (), model: Any = None
+) -> str:
     """The first error, as `file: field.path: what is wrong (how to fix)`; more errors are counted."""
     errors = err.errors()
     e = errors[0]
     loc = _loc(prefix + tuple(p for p in e["loc"] if p not in ("function-after",)))
     kind = e["type"]
     if kind == "extra_forbidden":
-        msg = "unknown field; check its spelling (`compress passes` lists every pass's fields)"
+        allowed = _fields_at(model, tuple(e["loc"])) if model is not None else None
+        msg = (f"unknown field; allowed here: {', '.join(allowed)}" if allowed
+               else "unknown field; check its spelling (`compress passes` lists every pass's fields)")
     elif kind == "value_error":
         msg = str(e.get("ctx", {}).get("error", e["msg"]))
         if ": " in msg and msg.split(": ", 1)[0].startswith(("passes", "data", "model", "gates", "target")):
@@ -241,7 +263,7 @@ def parse_config(raw: Any, *, file: str = "<config>", source: Path | None = None
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, file)) from None
+        raise ConfigError(format_validation_error(err, file, model=RunConfig)) from None
     cfg.source = source
     if check_passes:
         validate_pass_configs(cfg, file)
@@ -263,7 +285,7 @@ def validate_pass_configs(cfg: RunConfig, file: str) -> list[BaseModel]:
         try:
             typed.append(cls.Config.model_validate(spec.options()))
         except ValidationError as err:
-            raise ConfigError(format_validation_error(err, file, ("passes", i))) from None
+            raise ConfigError(format_validation_error(err, file, ("passes", i), model=cls.Config)) from None
     return typed
 
 

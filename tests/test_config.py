@@ -44,7 +44,10 @@ BAD_CASES = [
     # (edit of the raw yaml, words the one-line error must contain)
     (lambda r: r["passes"][0].update(epochs="abc"), ["passes[0].epochs", "expected a number"]),
     (lambda r: r["passes"][1].update(type="exprot"), ["passes[1].type", "unknown pass 'exprot'", "export"]),
-    (lambda r: r["passes"][0].update(learning_rate=1), ["passes[0].learning_rate", "unknown field"]),
+    (lambda r: r["passes"][0].update(learning_rate=1), ["passes[0].learning_rate", "unknown field", "allowed here:", "lr"]),
+    (lambda r: r["model"].update(pth="x"), ["model.pth", "unknown field", "allowed here:", "path, revision"]),
+    (lambda r: r["passes"].insert(1, {"type": "distill", "weights": {"kd": 1}}),
+     ["passes[1].weights.kd", "allowed here:", "attention, attention_output, ce, embedding, hidden, logit"]),
     (lambda r: r["model"].update(task="translation"), ["model.task", "sequence-classification"]),
     (lambda r: r.pop("model"), ["model", "required"]),
     (lambda r: r.update(gates={"max_latency_ms": -1}), ["gates.max_latency_ms", "greater than 0"]),
