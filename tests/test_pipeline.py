@@ -249,3 +249,15 @@ def test_bench_and_report_commands(full_run, capsys):
     assert main(["report", str(out)]) == 0
     assert "## Models" in (out / "report.md").read_text() and (out / "junit.xml").is_file()
     assert main(["report", str(out / "model")]) == 2
+
+
+def test_export_parity_over_tolerance_fails_the_pass(tmp_path, tiny_bert_dir, data_dir, capsys):
+    """ORT and PyTorch agree to ~1e-8 here; an impossible tolerance must fail the export pass (exit 1, named)."""
+    cfg = make_config(tmp_path, tiny_bert_dir, data_dir,
+                      passes=[{"type": "export", "atol": 1e-15, "min_cosine": 1.0, "optimize": False}])
+    code = main(["run", str(cfg), "-q"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "pass 'export' failed" in err and "differs from PyTorch" in err and "compress.log" in err
+    rep = _report(tmp_path / "out")
+    assert rep["passes"][0]["status"] == "failed" and not (tmp_path / "out" / "student.onnx").exists()
