@@ -172,3 +172,32 @@ def test_explicit_seed_is_honoured(tmp_path, tiny_bert_dir, data_dir):
         curves[name] = rep["passes"][0]["metrics"]["loss_curve"]
     assert curves["seed7"] == curves["seed7-again"]
     assert curves["seed7"] != curves["default"]
+
+
+def test_fused_lm_head_matches_logits_path(tmp_path, tiny_gpt2_dir):
+    """Causal LM: the logit loss through the LM heads (no student logits built on the kernel path) trains the
+    same as the plain logits path."""
+    write_jsonl(tmp_path / "text.jsonl", [{"text": r["text"]} for r in sentiment_rows(32)])
+    unlabeled = {"path": str(tmp_path / "text.jsonl"), "label": None}
+    curves = {}
+    for fused in (False, True):
+        (tmp_path / str(fused)).mkdir()
+        code, rep = _run(tmp_path / str(fused), {
+            "name": "lm", "model": {"path": str(tiny_gpt2_dir), "task": "causal-lm", "max_length": 16},
+            "data": {"train": unlabeled, "eval": unlabeled},
+            "passes": [{"type": "distill", "student_layers": 1, "steps": 4, "batch_size": 8, "lr": 1e-3,
+                        "seed": 3, "logit_loss": "jsd", "fused_lm_head": fused,
+                        "weights": {"logit": 1.0, "hidden": 1.0}}],
+        })
+        assert code == 0, rep["error"]
+        curves[fused] = rep["passes"][0]["metrics"]["loss_curve"]
+        assert rep["passes"][0]["metrics"].get("fused_lm_head_steps", 0) == (4 if fused else 0)
+    assert curves[True] == pytest.approx(curves[False], rel=1e-4)
+
+
+def test_fused_lm_head_config_errors(tmp_path, tiny_bert_dir, data_dir, capsys):
+    cfg = _cls_config(tiny_bert_dir, data_dir, {"fused_lm_head": True, "steps": 1})
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["validate", str(path)]) == 2
+    assert "fused_lm_head: only causal-lm" in capsys.readouterr().err

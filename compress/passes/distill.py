@@ -62,6 +62,9 @@ class DistillConfig(TrainConfig):
     mapping: MappingConfig = Field(default_factory=MappingConfig, description="Which teacher layer each student layer learns from.")
     schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig(kind="uniform"),
                                      description="When each layer's losses are on: uniform, round-robin or optima.")
+    fused_lm_head: bool = Field(
+        False, description="Causal LM: compute the logit loss through both LM heads in chunks of rows "
+        "(compress.kernels on CUDA), never building the [tokens x vocab] student logits; needs weights.ce = 0.")
     reference_examples: int = Field(32, gt=0, description="Held-out examples of the fixed batch whose loss decrease rewards OPTIMA.")
     max_length: int | None = Field(None, gt=0, description="Max tokens per example (default: model.max_length).")
     nproc: int | None = Field(None, gt=0, description="Training processes (DDP through torchrun); default: `compress run --nproc`, else 1.")
@@ -103,6 +106,10 @@ class Distill(Pass):
             return "distill needs data.train"
         if run.model.task == "feature-extraction" and cfg.weights.ce > 0:
             return "weights.ce: feature-extraction data has no labels to train on; set it to 0"
+        if cfg.fused_lm_head and run.model.task != "causal-lm":
+            return "fused_lm_head: only causal-lm models have an LM head to fuse; remove it"
+        if cfg.fused_lm_head and cfg.weights.ce > 0:
+            return "fused_lm_head: the hard-label CE needs the full logits; set weights.ce to 0 or fused_lm_head false"
         return None
 
     # ------------------------------------------------------------------ entry
@@ -209,6 +216,17 @@ class Distill(Pass):
                 kw["alpha"] = cfg.alpha
             return getattr(losses, cfg.logit_loss)(s_logits, t_logits, **kw)
 
+        fused_calls = [0]
+
+        def fused_logit_term(s_h: torch.Tensor, t_h: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+            fused_calls[0] += 1
+            s_h, t_h = s_h[:, :-1].reshape(-1, s_h.shape[-1]), t_h[:, :-1].reshape(-1, t_h.shape[-1])
+            kw: dict[str, Any] = {"temperature": cfg.temperature, "beta": cfg.beta, "alpha": cfg.alpha,
+                                  "labels": labels[:, 1:].reshape(-1) if labels is not None else None}
+            if taid is not None:
+                kw["taid_t"] = float(taid.t)
+            return losses.fused_linear_kd(s_h, s_ad.head.weight, (t_h, t_ad.head.weight), kind=cfg.logit_loss, **kw)
+
         def embedding_term(s_h: torch.Tensor, t_h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
             s_e = projections[str(s_ad.num_layers)](_mean_pool(s_h, mask))
             return 1 - torch.nn.functional.cosine_similarity(s_e, _mean_pool(t_h, mask), dim=-1).mean()
@@ -220,9 +238,17 @@ class Distill(Pass):
             cache = TeacherCache(ctx.work_dir / "teacher-cache", namespace=json.dumps(
                 [str(artifact.teacher_dir), caps, cfg.max_length], sort_keys=True))
 
+        fused = cfg.fused_lm_head
+        if fused:
+            for ad, who in ((s_ad, "student"), (t_ad, "teacher")):
+                if ad.head is None or not isinstance(getattr(ad.head, "weight", None), torch.Tensor):
+                    raise InputError(f"passes: '{ctx.label}'.fused_lm_head: the {who} has no LM head weight to fuse")
+                if getattr(ad.head, "bias", None) is not None:
+                    raise InputError(f"passes: '{ctx.label}'.fused_lm_head: the {who}'s LM head has a bias; set it false")
+
         def run_teacher(inputs: dict[str, torch.Tensor], capture: dict[str, bool]) -> tuple[Any, Any]:
             with torch.no_grad(), t_ad.capture(detach=True, **capture) as tc:
-                t_out = teacher(**inputs)
+                t_out = t_ad.base_model(**inputs) if fused and capture is caps else teacher(**inputs)
             return t_out, tc
 
         def cached_teacher(inputs: dict[str, torch.Tensor], capture: dict[str, bool]) -> tuple[Any, Any]:
@@ -242,7 +268,10 @@ class Distill(Pass):
             use_cache = cache is not None and capture is caps
             t_out, tc = cached_teacher(inputs, capture) if use_cache else run_teacher(inputs, capture)
             with s_ad.capture(**capture) as sc:
-                s_out = model(**(batch if (w.ce > 0 and "labels" in batch and not feat) else inputs))
+                if fused and capture is caps:  # the logit loss goes through the heads in fused_logit_term
+                    s_out = s_ad.base_model(**inputs)
+                else:
+                    s_out = model(**(batch if (w.ce > 0 and "labels" in batch and not feat) else inputs))
             return s_out, t_out, sc, tc
 
         def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> StepOutput:
@@ -254,7 +283,10 @@ class Distill(Pass):
                 if w.embedding > 0:
                     terms["embedding"] = embedding_term(s_out.last_hidden_state, t_out.last_hidden_state, mask)
             else:
-                if w.logit > 0:
+                if w.logit > 0 and fused:
+                    terms["logit"] = fused_logit_term(s_out.last_hidden_state, t_out.last_hidden_state,
+                                                      batch.get("labels"))
+                elif w.logit > 0:
                     terms["logit"] = logit_term(s_out.logits, t_out.logits, batch.get("labels"))
                 if w.ce > 0 and getattr(s_out, "loss", None) is not None:
                     terms["ce"] = s_out.loss
@@ -324,6 +356,8 @@ class Distill(Pass):
                           extra_modules={"projections": projections, "filters": filters}, extra_state=extra_state,
                           progress=ctx.progress, on_step_end=on_step_end, label=ctx.label)
         result = trainer.train()
+        if fused:
+            ctx.metrics["fused_lm_head_steps"] = fused_calls[0]  # type: ignore[attr-defined]
         if cache is not None:
             ctx.metrics.update(teacher_cache_hits=cache.hits, teacher_cache_misses=cache.misses)  # type: ignore[attr-defined]
         for rnd in sched.history:
