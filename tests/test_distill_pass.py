@@ -201,3 +201,48 @@ def test_fused_lm_head_config_errors(tmp_path, tiny_bert_dir, data_dir, capsys):
     path.write_text(yaml.safe_dump(cfg))
     assert main(["validate", str(path)]) == 2
     assert "fused_lm_head: only causal-lm" in capsys.readouterr().err
+
+
+def test_differently_padded_vocabularies(tmp_path, tiny_gpt2_dir, capsys):
+    """Teacher vocab padded to 30528, student's 30522 (its own padding): the logit loss runs on the shared
+    30522 real tokens, both on the logits path and through the LM heads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compress.passes.base import Pass
+    from compress.registry import register, unregister
+
+    teacher_dir = tmp_path / "teacher"
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    teacher.resize_token_embeddings(30528)
+    teacher.save_pretrained(teacher_dir)
+    AutoTokenizer.from_pretrained(tiny_gpt2_dir).save_pretrained(teacher_dir)
+
+    class ShrinkVocab(Pass):
+        type = "test-shrink-vocab"
+
+        def run(self, artifact, ctx):
+            model = ctx.load_student(artifact)
+            model.resize_token_embeddings(30522)
+            return artifact.replace(model_dir=ctx.save_student(model, ctx.load_preprocessor(artifact)))
+
+    register(ShrinkVocab)
+    write_jsonl(tmp_path / "text.jsonl", [{"text": r["text"]} for r in sentiment_rows(16)])
+    unlabeled = {"path": str(tmp_path / "text.jsonl"), "label": None}
+    try:
+        for fused, extra, expect in ((False, {}, 0), (True, {}, 0), (False, {"vocab_size": 30525}, 2)):
+            run_dir = tmp_path / f"run-{fused}-{bool(extra)}"
+            run_dir.mkdir()
+            code, rep = _run(run_dir, {
+                "name": "pad", "model": {"path": str(teacher_dir), "task": "causal-lm", "max_length": 16},
+                "data": {"train": unlabeled, "eval": unlabeled},
+                "passes": [{"type": "test-shrink-vocab"},
+                           {"type": "distill", "steps": 2, "batch_size": 8, "fused_lm_head": fused,
+                            "weights": {"logit": 1.0, "hidden": 0.0}, **extra}],
+            })
+            assert code == expect, rep["error"]
+            if expect == 0:
+                assert all(0 <= v < 20 for v in rep["passes"][1]["metrics"]["loss_curve"])
+            else:
+                assert "vocab_size=30525 must be in 1..30522" in capsys.readouterr().err
+    finally:
+        unregister("test-shrink-vocab")

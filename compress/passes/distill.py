@@ -62,6 +62,9 @@ class DistillConfig(TrainConfig):
     mapping: MappingConfig = Field(default_factory=MappingConfig, description="Which teacher layer each student layer learns from.")
     schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig(kind="uniform"),
                                      description="When each layer's losses are on: uniform, round-robin or optima.")
+    vocab_size: int | None = Field(
+        None, gt=0, description="Causal LM: the real vocabulary both logit widths share (the rest is padding); "
+        "default: the smaller width when teacher and student vocabularies are padded differently.")
     fused_lm_head: bool = Field(
         False, description="Causal LM: compute the logit loss through both LM heads in chunks of rows "
         "(compress.kernels on CUDA), never building the [tokens x vocab] student logits; needs weights.ce = 0.")
@@ -198,6 +201,11 @@ class Distill(Pass):
         caps = dict(hidden_states=w.hidden > 0 or feat, attentions=w.attention > 0,
                     attention_outputs=w.attention_output > 0, qkv=w.relation > 0)
 
+        def shared_vocab(vs: int, vt: int) -> int | None:
+            if cfg.vocab_size is not None:
+                return cfg.vocab_size
+            return min(vs, vt) if vs != vt else None
+
         def logit_term(s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
             if task == "causal-lm":  # position t predicts token t+1; score the positions with a label
                 s_logits, t_logits = s_logits[:, :-1], t_logits[:, :-1]
@@ -207,7 +215,8 @@ class Distill(Pass):
                 labels = labels.reshape(-1) if labels is not None else None
             else:
                 labels = None
-            kw: dict[str, Any] = {"temperature": cfg.temperature, "labels": labels}
+            kw: dict[str, Any] = {"temperature": cfg.temperature, "labels": labels,
+                                  "vocab_size": shared_vocab(s_logits.shape[-1], t_logits.shape[-1])}
             if taid is not None:
                 return taid(s_logits, t_logits, **kw)
             if cfg.logit_loss == "jsd":
@@ -222,7 +231,8 @@ class Distill(Pass):
             fused_calls[0] += 1
             s_h, t_h = s_h[:, :-1].reshape(-1, s_h.shape[-1]), t_h[:, :-1].reshape(-1, t_h.shape[-1])
             kw: dict[str, Any] = {"temperature": cfg.temperature, "beta": cfg.beta, "alpha": cfg.alpha,
-                                  "labels": labels[:, 1:].reshape(-1) if labels is not None else None}
+                                  "labels": labels[:, 1:].reshape(-1) if labels is not None else None,
+                                  "vocab_size": shared_vocab(s_ad.head.weight.shape[0], t_ad.head.weight.shape[0])}
             if taid is not None:
                 kw["taid_t"] = float(taid.t)
             return losses.fused_linear_kd(s_h, s_ad.head.weight, (t_h, t_ad.head.weight), kind=cfg.logit_loss, **kw)
