@@ -65,8 +65,12 @@ def _print_summary(con: Any, report: dict[str, Any]) -> None:
             m.add_column(col)
         teacher = ev.get("teacher", {})
         m.add_row("teacher (torch)", _num(teacher.get("quality")), "1", "-", "-", _num(teacher.get("size_mb")))
-        for name, s in ev.get("variants", {}).items():
-            m.add_row(name, _num(s.get("quality")), _num(s.get("fidelity")), _num(s.get("latency_p50_ms")),
+        variants = ev.get("variants", {})
+        shipped = variants.get("int8", {}).get("alias_of") or ("fp32" if "int8" not in variants else "int8")
+        for name, s in variants.items():
+            if "alias_of" in s:
+                continue
+            m.add_row(f"{name} (shipped)" if name == shipped else name, _num(s.get("quality")), _num(s.get("fidelity")), _num(s.get("latency_p50_ms")),
                       _num(s.get("latency_p90_ms")), _num(s.get("size_mb")))
         con.print(m)
     for g in report.get("gates", []):

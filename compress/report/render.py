@@ -134,9 +134,13 @@ def variants_table(evaluation: dict[str, Any] | None) -> str:
     rows.append(
         f"| teacher (PyTorch) | {_fmt(t.get('quality'))} | 1 | - | - | {_fmt(t.get('size_mb'))} | {_fmt(t.get('params'))} |"
     )
-    for name, s in evaluation.get("variants", {}).items():
+    variants = evaluation.get("variants", {})
+    shipped = variants.get("int8", {}).get("alias_of") or ("fp32" if "int8" not in variants else "int8")
+    for name, s in variants.items():
+        if "alias_of" in s:
+            continue
         rows.append(
-            f"| student {name} (ORT) | {_fmt(s.get('quality'))} | {_fmt(s.get('fidelity'))} | "
+            f"| student {name} (ORT){' **shipped**' if name == shipped else ''} | {_fmt(s.get('quality'))} | {_fmt(s.get('fidelity'))} | "
             f"{_fmt(s.get('latency_p50_ms'))} | {_fmt(s.get('latency_p90_ms'))} | {_fmt(s.get('size_mb'))} | "
             f"{_fmt(s.get('params'))} |"
         )
