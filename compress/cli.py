@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,10 +31,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from compress.pipeline import Pipeline
 
     cfg = load_config(args.config, args.set)
-    if args.nproc:
-        os.environ["COMPRESS_NPROC"] = str(args.nproc)
     result = Pipeline(
-        cfg, use_cache=not args.no_cache, from_pass=args.from_pass, until=args.until, progress=not args.quiet
+        cfg, use_cache=not args.no_cache, from_pass=args.from_pass, until=args.until, progress=not args.quiet,
+        nproc=args.nproc or 1,
     ).run()
     con = _console()
     if not args.quiet:
@@ -52,6 +50,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _print_summary(con: Any, report: dict[str, Any]) -> None:
     from rich.table import Table
 
+    from compress.report.render import shipped_variant
+
     t = Table(title=f"compress: {report['name']}", show_lines=False)
     for col in ("pass", "status", "seconds"):
         t.add_column(col)
@@ -66,7 +66,7 @@ def _print_summary(con: Any, report: dict[str, Any]) -> None:
         teacher = ev.get("teacher", {})
         m.add_row("teacher (torch)", _num(teacher.get("quality")), "1", "-", "-", _num(teacher.get("size_mb")))
         variants = ev.get("variants", {})
-        shipped = variants.get("int8", {}).get("alias_of") or ("fp32" if "int8" not in variants else "int8")
+        shipped = shipped_variant(variants)
         for name, s in variants.items():
             if "alias_of" in s:
                 continue

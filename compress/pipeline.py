@@ -99,6 +99,7 @@ class Pipeline:
         from_pass: str | None = None,
         until: str | None = None,
         progress: bool = True,
+        nproc: int = 1,
         **config: Any,
     ):
         if not isinstance(run, RunConfig):
@@ -110,6 +111,9 @@ class Pipeline:
         self.from_pass = from_pass
         self.until = until
         self.progress_enabled = progress
+        if nproc < 1:
+            raise ConfigError(f"--nproc {nproc}: the number of training processes must be at least 1")
+        self.nproc = nproc
         self.labels = run.pass_labels()
         for flag, value in (("--from", from_pass), ("--until", until)):
             if value is not None and value not in self.labels:
@@ -303,15 +307,14 @@ class Pipeline:
 
         def build(out: Path) -> Artifact:
             ctx = PassContext(
-                run=run, label=rec.label, out_dir=out, work_dir=work, seed=seed, data=data, progress=progress
+                run=run, label=rec.label, out_dir=out, work_dir=work, seed=seed, data=data, progress=progress,
+                nproc=self.nproc,
             )
             ctx_holder["ctx"] = ctx
             ctx.seed_everything()
-            metrics: dict[str, Any] = {}
-            ctx.metrics = metrics  # type: ignore[attr-defined]
             new = p.run(artifact, ctx)
             rec.duration_s = round(time.time() - t0, 3)
-            rec.metrics = {**new.metrics.get(rec.label, {}), **metrics}
+            rec.metrics = {**new.metrics.get(rec.label, {}), **ctx.metrics}
             rec.events = ctx.events
             new = new.replace()
             new.metrics[rec.label] = rec.metrics

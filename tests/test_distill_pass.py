@@ -229,8 +229,10 @@ def test_differently_padded_vocabularies(tmp_path, tiny_gpt2_dir, capsys):
     write_jsonl(tmp_path / "text.jsonl", [{"text": r["text"]} for r in sentiment_rows(16)])
     unlabeled = {"path": str(tmp_path / "text.jsonl"), "label": None}
     try:
-        for fused, extra, expect in ((False, {}, 0), (True, {}, 0), (False, {"vocab_size": 30525}, 2)):
-            run_dir = tmp_path / f"run-{fused}-{bool(extra)}"
+        cases = ((False, {}, 0, 1), (True, {}, 0, 1), (False, {"vocab_size": 30525}, 2, 1),
+                 (False, {"vocab_size": 30525}, 2, 2))  # bad input inside torchrun children is still exit 2
+        for fused, extra, expect, nproc in cases:
+            run_dir = tmp_path / f"run-{fused}-{bool(extra)}-{nproc}"
             run_dir.mkdir()
             code, rep = _run(run_dir, {
                 "name": "pad", "model": {"path": str(teacher_dir), "task": "causal-lm", "max_length": 16},
@@ -238,7 +240,7 @@ def test_differently_padded_vocabularies(tmp_path, tiny_gpt2_dir, capsys):
                 "passes": [{"type": "test-shrink-vocab"},
                            {"type": "distill", "steps": 2, "batch_size": 8, "fused_lm_head": fused,
                             "weights": {"logit": 1.0, "hidden": 0.0}, **extra}],
-            })
+            }, "--nproc", str(nproc))
             assert code == expect, rep["error"]
             if expect == 0:
                 assert all(0 <= v < 20 for v in rep["passes"][1]["metrics"]["loss_curve"])

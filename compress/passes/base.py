@@ -120,6 +120,8 @@ class PassContext:
     seed: int
     data: DataProvider
     progress: Progress = field(default_factory=lambda: Progress(False))
+    metrics: dict[str, Any] = field(default_factory=dict)  # what the report shows for this pass
+    nproc: int = 1  # training processes (`compress run --nproc`)
     events: list[dict[str, Any]] = field(default_factory=list)
     device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 

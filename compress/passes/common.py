@@ -70,5 +70,13 @@ def train_seed(cfg: Any, ctx: PassContext) -> int:
     return int(cfg.seed) if "seed" in cfg.model_fields_set else ctx.seed
 
 
+def mean_pool(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of the token states over the valid (mask = 1) positions: a sentence embedding."""
+    if mask is None:
+        return h.mean(1)
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
 def first_split(ctx: PassContext, *splits: str) -> str | None:
     return next((s for s in splits if ctx.data.has(s)), None)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,9 +24,9 @@ from compress.artifact import Artifact
 from compress.distill.mapping import MappingConfig
 from compress.distill.schedule import ScheduleConfig
 from compress.distill.trainer import TrainConfig
-from compress.errors import InputError, PassFailed
+from compress.errors import CompressError, InputError, PassFailed
 from compress.passes.base import Pass, PassContext
-from compress.passes.common import first_split, model_inputs, task_batches, train_seed
+from compress.passes.common import first_split, mean_pool, model_inputs, task_batches, train_seed
 from compress.registry import register
 
 log = logging.getLogger(__name__)
@@ -70,7 +69,7 @@ class DistillConfig(TrainConfig):
         "(compress.kernels on CUDA), never building the [tokens x vocab] student logits; needs weights.ce = 0.")
     reference_examples: int = Field(32, gt=0, description="Held-out examples of the fixed batch whose loss decrease rewards OPTIMA.")
     max_length: int | None = Field(None, gt=0, description="Max tokens per example (default: model.max_length).")
-    nproc: int | None = Field(None, gt=0, description="Training processes (DDP through torchrun); default: `compress run --nproc`, else 1.")
+    nproc: int | None = Field(None, gt=0, description="Training processes (torchrun); default: `compress run --nproc`, else 1.")
     save_schedule_plot: bool = Field(True, description="Write the OPTIMA arm-per-round plot next to the student.")
 
 
@@ -85,13 +84,6 @@ class _RefState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.prev = state.get("prev")
-
-
-def _mean_pool(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if mask is None:
-        return h.mean(1)
-    m = mask.unsqueeze(-1).to(h.dtype)
-    return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 @register
@@ -120,7 +112,7 @@ class Distill(Pass):
         from compress.distill.trainer import distributed_env, launch_distributed
 
         cfg: DistillConfig = self.config  # type: ignore[assignment]
-        nproc = cfg.nproc or int(os.environ.get("COMPRESS_NPROC", "1") or 1)
+        nproc = cfg.nproc or ctx.nproc
         if nproc > 1 and distributed_env() is None:
             spec = ctx.work_dir / "ddp-spec.json"
             spec.write_text(json.dumps({
@@ -129,11 +121,18 @@ class Distill(Pass):
                 "label": ctx.label, "out_dir": str(ctx.out_dir), "work_dir": str(ctx.work_dir), "seed": ctx.seed,
             }))
             code = launch_distributed(nproc, ["-m", "compress.passes.distill", str(spec)])
+            failure = ctx.work_dir / "ddp-error.json"
+            if code != 0 and failure.is_file():  # a child raised one of ours: same exit code, same message
+                err = json.loads(failure.read_text())
+                failure.unlink()
+                if err["exit_code"] == 2:
+                    raise InputError(err["message"])
+                raise PassFailed(ctx.label, err["message"].removeprefix(f"pass '{ctx.label}' failed: "))
             if code != 0:
                 raise PassFailed(ctx.label, f"distributed training with {nproc} processes exited with code {code}")
             result = json.loads((ctx.out_dir / "distill-result.json").read_text())
             (ctx.out_dir / "distill-result.json").unlink()
-            ctx.metrics.update(result["metrics"], nproc=nproc)  # type: ignore[attr-defined]
+            ctx.metrics.update(result["metrics"], nproc=nproc)
             ctx.events.extend(result["events"])
             return artifact.replace(model_dir=ctx.out_dir / "model")
         return self.train(artifact, ctx)
@@ -153,7 +152,7 @@ class Distill(Pass):
         teacher = prepare_teacher(ctx.load_teacher(artifact), cfg)
         if cfg.student_layers is not None:
             student, kept = student_from_teacher(ctx.load_teacher(artifact), cfg.student_layers)
-            ctx.metrics["inherited_layers"] = [k + 1 for k in kept]  # type: ignore[attr-defined]
+            ctx.metrics["inherited_layers"] = [k + 1 for k in kept]
         else:
             student = ctx.load_student(artifact)
         device = ctx.device
@@ -190,7 +189,7 @@ class Distill(Pass):
                 teacher(**ref_batch)
                 pairs = dynamic_map(sc.hidden_states, tc.hidden_states, projections if len(projections) else None,
                                     attention_mask=ref_batch.get("attention_mask"))
-        ctx.metrics["layer_map"] = [list(p) for p in pairs]  # type: ignore[attr-defined]
+        ctx.metrics["layer_map"] = [list(p) for p in pairs]
 
         sched_cfg = cfg.schedule
         if isinstance(sched_cfg.modules, int) and sched_cfg.modules > s_ad.num_layers:  # a shallow student: one layer a module
@@ -238,8 +237,8 @@ class Distill(Pass):
             return losses.fused_linear_kd(s_h, s_ad.head.weight, (t_h, t_ad.head.weight), kind=cfg.logit_loss, **kw)
 
         def embedding_term(s_h: torch.Tensor, t_h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-            s_e = projections[str(s_ad.num_layers)](_mean_pool(s_h, mask))
-            return 1 - torch.nn.functional.cosine_similarity(s_e, _mean_pool(t_h, mask), dim=-1).mean()
+            s_e = projections[str(s_ad.num_layers)](mean_pool(s_h, mask))
+            return 1 - torch.nn.functional.cosine_similarity(s_e, mean_pool(t_h, mask), dim=-1).mean()
 
         cache = None
         if cfg.teacher_cache:
@@ -367,14 +366,14 @@ class Distill(Pass):
                           progress=ctx.progress, on_step_end=on_step_end, label=ctx.label)
         result = trainer.train()
         if fused:
-            ctx.metrics["fused_lm_head_steps"] = fused_calls[0]  # type: ignore[attr-defined]
+            ctx.metrics["fused_lm_head_steps"] = fused_calls[0]
         if cache is not None:
-            ctx.metrics.update(teacher_cache_hits=cache.hits, teacher_cache_misses=cache.misses)  # type: ignore[attr-defined]
+            ctx.metrics.update(teacher_cache_hits=cache.hits, teacher_cache_misses=cache.misses)
         for rnd in sched.history:
             if rnd.get("reward") is not None:
                 ctx.event("schedule_round", round=rnd["round"], step=rnd["step"], arms=list(rnd["arms"]),
                           reward=rnd["reward"])
-        ctx.metrics.update(  # type: ignore[attr-defined]
+        ctx.metrics.update(
             steps=result["steps"], final_loss=result["final_loss"], loss_curve=result["loss_curve"],
             resumed_from=result.get("resumed_from"), student_layers=s_ad.num_layers,
             student_params=sum(p.numel() for p in student.parameters()),
@@ -399,13 +398,17 @@ def _worker(spec_path: str) -> int:
     run = parse_config(spec["run"], file=str(source or "<config>"), source=source, check_passes=False)
     ctx = PassContext(run=run, label=spec["label"], out_dir=Path(spec["out_dir"]), work_dir=Path(spec["work_dir"]),
                       seed=spec["seed"], data=DataProvider(run))
-    ctx.metrics = {}  # type: ignore[attr-defined]
     ctx.seed_everything()
     artifact = Artifact.from_json(spec["artifact"], Path("/"))
-    Distill(DistillConfig.model_validate(spec["config"])).train(artifact, ctx)
     env = distributed_env()
+    try:
+        Distill(DistillConfig.model_validate(spec["config"])).train(artifact, ctx)
+    except CompressError as err:
+        if env is None or env[0] == 0:
+            (ctx.work_dir / "ddp-error.json").write_text(json.dumps({"exit_code": err.exit_code, "message": str(err)}))
+        return err.exit_code
     if env is None or env[0] == 0:
-        (ctx.out_dir / "distill-result.json").write_text(json.dumps({"metrics": ctx.metrics, "events": ctx.events},  # type: ignore[attr-defined]
+        (ctx.out_dir / "distill-result.json").write_text(json.dumps({"metrics": ctx.metrics, "events": ctx.events},
                                                                     default=str))
     return 0
 

@@ -11,7 +11,7 @@ from pydantic import Field
 from compress.artifact import Artifact
 from compress.errors import InputError
 from compress.passes.base import Pass, PassConfig, PassContext
-from compress.passes.common import model_inputs, task_batches
+from compress.passes.common import mean_pool, model_inputs, task_batches
 from compress.registry import register
 
 MAIN_METRIC = {
@@ -101,7 +101,7 @@ class Evaluate(Pass):
             primary = next((k for k, v in artifact.onnx.items() if k != "int8" and v == artifact.onnx["int8"]), None)
             if primary in evaluation["variants"]:
                 evaluation["variants"]["int8"] = dict(evaluation["variants"][primary], alias_of=primary)
-        ctx.metrics.update(  # type: ignore[attr-defined]
+        ctx.metrics.update(
             {f"{name}.{k}": v for name, s in evaluation["variants"].items() for k, v in s.items()
              if isinstance(v, (int, float)) and k in ("quality", "fidelity", "latency_p50_ms", "size_mb")},
             teacher_quality=evaluation["teacher"]["quality"],
@@ -129,11 +129,6 @@ def _output(out: Any, task: str) -> torch.Tensor:
     return (out.last_hidden_state if task == "feature-extraction" else out.logits).float()
 
 
-def _mean_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1).to(h.dtype)
-    return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
-
-
 def _score(task: str, batches: list[dict[str, torch.Tensor]], s_out: list[torch.Tensor], t_out: list[torch.Tensor]) -> dict[str, float]:
     """Task quality of the student outputs and their fidelity to the teacher outputs."""
     if task in ("sequence-classification", "image-classification"):
@@ -148,8 +143,8 @@ def _score(task: str, batches: list[dict[str, torch.Tensor]], s_out: list[torch.
             "fidelity": float((preds == tpreds).float().mean()),
         }
     if task == "feature-extraction":
-        se = torch.cat([_mean_pool(o, b["attention_mask"]) for o, b in zip(s_out, batches)])
-        te = torch.cat([_mean_pool(o, b["attention_mask"]) for o, b in zip(t_out, batches)])
+        se = torch.cat([mean_pool(o, b["attention_mask"]) for o, b in zip(s_out, batches)])
+        te = torch.cat([mean_pool(o, b["attention_mask"]) for o, b in zip(t_out, batches)])
         cos = torch.nn.functional.cosine_similarity(se, te, dim=-1)
 
         def nearest(e: torch.Tensor) -> torch.Tensor:

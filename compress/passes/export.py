@@ -63,7 +63,7 @@ class Export(Pass):
         with ctx.progress.task(f"{ctx.label}: torch.onnx.export", total=None):
             export_onnx(model, example, raw, task=task, opset=cfg.opset)
         parity = check_parity(model, raw, check, task=task, atol=cfg.atol, min_cosine=cfg.min_cosine)
-        ctx.metrics.update(parity_max_abs_diff=parity.max_abs_diff, parity_cosine=parity.cosine)  # type: ignore[attr-defined]
+        ctx.metrics.update(parity_max_abs_diff=parity.max_abs_diff, parity_cosine=parity.cosine)
         if not parity.ok:
             raise PassFailed(ctx.label, f"ONNX Runtime output '{parity.output}' differs from PyTorch: max abs diff "
                              f"{parity.max_abs_diff:.3g} (atol {cfg.atol}), cosine {parity.cosine:.6f} (min {cfg.min_cosine})")
@@ -78,7 +78,7 @@ class Export(Pass):
                 p2 = check_parity(model, final, check, task=task, atol=cfg.atol, min_cosine=cfg.min_cosine)
                 if p2.ok:
                     fused = True
-                    ctx.metrics.update(fused_max_abs_diff=p2.max_abs_diff, fused_cosine=p2.cosine)  # type: ignore[attr-defined]
+                    ctx.metrics.update(fused_max_abs_diff=p2.max_abs_diff, fused_cosine=p2.cosine)
                 else:
                     ctx.event("fusion_rejected", max_abs_diff=p2.max_abs_diff, cosine=p2.cosine)
         if fused:
@@ -86,7 +86,7 @@ class Export(Pass):
         else:
             final.unlink(missing_ok=True)
             raw.replace(final)
-        ctx.metrics.update(fused=fused, size_mb=onnx_size_mb(final), opset=cfg.opset)  # type: ignore[attr-defined]
+        ctx.metrics.update(fused=fused, size_mb=onnx_size_mb(final), opset=cfg.opset)
         onnx = {k: v for k, v in artifact.onnx.items() if k == "fp32"}
         onnx["fp32"] = final
         return artifact.replace(onnx=onnx)

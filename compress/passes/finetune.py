@@ -51,7 +51,7 @@ class Finetune(Pass):
         trainer = Trainer(model, tcfg, loss_fn=loss_fn, train_batches=batches, checkpoint_dir=ctx.work_dir / "ckpt",
                           progress=ctx.progress, label=ctx.label)
         result = trainer.train()
-        ctx.metrics.update(  # type: ignore[attr-defined]
+        ctx.metrics.update(
             steps=result["steps"], final_loss=result["final_loss"], loss_curve=result["loss_curve"],
             resumed_from=result.get("resumed_from"),
         )

@@ -51,6 +51,7 @@ class PTQ(Pass):
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
         from compress.onnx.quantize import quantize_dynamic_int8, quantize_static_qdq
+        from compress.onnx.parity import cosine_similarity
         from compress.onnx.runtime import make_session, onnx_size_mb, run_session
 
         cfg: PTQConfig = self.config  # type: ignore[assignment]
@@ -90,14 +91,10 @@ class PTQ(Pass):
             for method, path in made.items():
                 sess = make_session(path)
                 outs = [next(iter(run_session(sess, b).values())) for b in calib[:4]]
-                cos = float(np.mean([_cosine(a, b) for a, b in zip(outs, refs)]))
-                ctx.metrics[f"{method}_cosine_to_fp32"] = cos  # type: ignore[attr-defined]
+                cos = float(np.mean([cosine_similarity(a, b) for a, b in zip(outs, refs)]))
+                ctx.metrics[f"{method}_cosine_to_fp32"] = cos
         for method, path in made.items():
-            ctx.metrics[f"{method}_size_mb"] = onnx_size_mb(path)  # type: ignore[attr-defined]
-        ctx.metrics["fp32_size_mb"] = onnx_size_mb(src)  # type: ignore[attr-defined]
+            ctx.metrics[f"{method}_size_mb"] = onnx_size_mb(path)
+        ctx.metrics["fp32_size_mb"] = onnx_size_mb(src)
         return artifact.replace(onnx=onnx)
 
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))

@@ -122,6 +122,11 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def shipped_variant(variants: dict[str, Any]) -> str:
+    """Which evaluated ONNX student ships: the one `int8` aliases, else fp32."""
+    return variants.get("int8", {}).get("alias_of") or ("fp32" if "int8" not in variants else "int8")
+
+
 def variants_table(evaluation: dict[str, Any] | None) -> str:
     if not evaluation:
         return ""
@@ -135,7 +140,7 @@ def variants_table(evaluation: dict[str, Any] | None) -> str:
         f"| teacher (PyTorch) | {_fmt(t.get('quality'))} | 1 | - | - | {_fmt(t.get('size_mb'))} | {_fmt(t.get('params'))} |"
     )
     variants = evaluation.get("variants", {})
-    shipped = variants.get("int8", {}).get("alias_of") or ("fp32" if "int8" not in variants else "int8")
+    shipped = shipped_variant(variants)
     for name, s in variants.items():
         if "alias_of" in s:
             continue
