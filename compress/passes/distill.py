@@ -149,12 +149,13 @@ class Distill(Pass):
         task = ctx.run.model.task
         seed = train_seed(cfg, ctx)
         torch.manual_seed(seed)  # projections, filters and TAID start the same for the same seed
-        teacher = prepare_teacher(ctx.load_teacher(artifact), cfg)
-        if cfg.student_layers is not None:
-            student, kept = student_from_teacher(ctx.load_teacher(artifact), cfg.student_layers)
+        teacher = ctx.load_teacher(artifact)
+        if cfg.student_layers is not None:  # a copy of the teacher's kept layers, made before it is frozen
+            student, kept = student_from_teacher(teacher, cfg.student_layers)
             ctx.metrics["inherited_layers"] = [k + 1 for k in kept]
         else:
             student = ctx.load_student(artifact)
+        teacher = prepare_teacher(teacher, cfg)
         device = ctx.device
         teacher.to(device)
         student.to(device).train()
