@@ -5,8 +5,10 @@ GPU memory above the inputs, with ratios.
     python benchmarks/kd_loss.py                 # V in {32k, 128k, 256k} x tokens in {4k, 16k}, bf16
     python benchmarks/kd_loss.py --quick         # a small sweep (a minute)
     python benchmarks/kd_loss.py --fused-linear  # through the LM head: fused_linear_kd vs LigerFusedLinearJSD
+    python benchmarks/kd_loss.py --tune          # our kernel only, at every (block, warps): time vs the default
+    python benchmarks/kd_loss.py --static        # no GPU: registers, spills and occupancy per (block, warps)
 
-Needs a CUDA GPU; see benchmarks/README.md for the targets.
+Needs a CUDA GPU (except --static); see benchmarks/README.md for the targets.
 """
 from __future__ import annotations
 
@@ -62,6 +64,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small sweep: V in {32k, 128k}, tokens 4k, 5 iterations")
     p.add_argument("--impls", nargs="+", default=["eager", "ours", "liger"], choices=["eager", "ours", "liger"])
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
+    p.add_argument("--tune", action="store_true",
+                   help="time only our kernel at every --blocks x --warps, next to the default launch")
+    p.add_argument("--static", action="store_true",
+                   help="no GPU needed: ptxas' registers, spills and resident warps per SM for every --blocks x "
+                        "--warps and loss kind, compiled for --arch")
+    p.add_argument("--blocks", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="for --tune/--static")
+    p.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16, 32], help="for --tune/--static")
+    p.add_argument("--arch", type=int, default=90, help="compute capability for --static (90 = H100/H200)")
     args = p.parse_args(argv)
     if args.quick:
         args.vocab = [32_000, 128_000]
@@ -268,8 +278,92 @@ def render(rows: list[Row], args: argparse.Namespace) -> str:
     return "\n".join(out)
 
 
+def _table(head: list[str], lines: list[list[str]]) -> list[str]:
+    widths = [max(len(str(line[i])) for line in [head, *lines]) for i in range(len(head))]
+    out = ["  ".join(str(c).rjust(w) for c, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in lines]
+    return out
+
+
+def static_report(args: argparse.Namespace) -> str:
+    """ptxas' resource report of every (block, warps) variant, per loss kind (no GPU needed)."""
+    from compress.kernels import KERNEL_KINDS
+    from compress.kernels.aot import kernel_usage
+    from compress.kernels.kd_loss import MAX_BLOCK_GPU, default_num_warps
+
+    dtype = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[args.dtype]
+    labels = args.ignore_frac > 0
+    head = ["block", "warps", *(f"{k} regs/spill/warps" for k in KERNEL_KINDS)]
+    lines = []
+    for block in args.blocks:
+        for warps in args.warps:
+            if block < 32 * warps:
+                continue
+            cells = []
+            for kind in KERNEL_KINDS:
+                u = kernel_usage(kind, block=block, num_warps=warps, dtype=dtype, arch=args.arch, labels=labels)
+                cells.append(f"{u.registers}/{u.spills}B/{u.warps_per_sm}")
+            default = block == MAX_BLOCK_GPU and warps == default_num_warps(block)
+            lines.append([f"{block}{'*' if default else ''}", str(warps), *cells])
+            print(f"compiled block={block} warps={warps}", file=sys.stderr, flush=True)
+    return "\n".join([f"kd_loss kernel resources on sm_{args.arch} ({args.dtype} logits, labels={labels}): "
+                      "registers per thread / spilled bytes / resident warps per SM (of 64); * = the default",
+                      *_table(head, lines)])
+
+
+def tune(args: argparse.Namespace) -> str:
+    """Our kernel alone at every (block, warps), forward + backward, time relative to the default launch."""
+    from compress.distill.losses import _resolve_kind
+    from compress.kernels import KERNEL_KINDS
+    from compress.kernels.kd_loss import _pick_block, default_num_warps, kd_loss_rows
+
+    dtype = DTYPES[args.dtype]
+    dev = torch.device("cuda")
+    name, c_t, c_s = _resolve_kind(args.loss, args.beta, args.alpha, "--loss")
+    kind = KERNEL_KINDS[name]
+    head = ["V", "tokens", "block", "warps", "ms", "default/this"]
+    lines: list[list[str]] = []
+    for vocab in args.vocab:
+        for tokens in args.tokens:
+            gen = torch.Generator(device=dev).manual_seed(0)
+            s = torch.randn(tokens, vocab, device=dev, dtype=dtype, generator=gen) * 2
+            t = torch.randn(tokens, vocab, device=dev, dtype=dtype, generator=gen) * 2
+            g = torch.empty_like(s)
+            n_valid = torch.tensor([float(tokens)], device=dev)
+
+            def launch(block: int | None, warps: int | None) -> Cell:
+                return measure(lambda: kd_loss_rows(s, t, kind=kind, n_valid=n_valid, grad=g,
+                                                    temperature=args.temperature, c_teacher=c_t, c_student=c_s,
+                                                    block_size=block, num_warps=warps),
+                               args.warmup, args.iters)
+
+            base = launch(None, None)
+            b0 = _pick_block(vocab, None)
+            lines.append([f"{vocab:,}", f"{tokens:,}", f"{b0} (default)", str(default_num_warps(b0)),
+                          _fmt(base, "ms"), "1.00x"])
+            for block in args.blocks:
+                for warps in args.warps:
+                    if block < 32 * warps:
+                        continue
+                    cell = launch(block, warps)
+                    lines.append([f"{vocab:,}", f"{tokens:,}", str(block), str(warps), _fmt(cell, "ms"),
+                                  _ratio(base, cell, "ms")])
+            print(f"tuned V={vocab} tokens={tokens}", file=sys.stderr, flush=True)
+            del s, t, g
+    return "\n".join([f"kd_loss kernel launch sweep: loss={args.loss} dtype={args.dtype}; "
+                      f"device={torch.cuda.get_device_name()}; default/this > 1 means this launch is faster",
+                      *_table(head, lines)])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.static:
+        try:
+            print(static_report(args))
+        except ImportError as exc:
+            print(f"kd_loss benchmark --static: needs triton with its NVIDIA backend ({exc})", file=sys.stderr)
+            return 2
+        return 0
     if not torch.cuda.is_available():
         print("kd_loss benchmark: no CUDA GPU here (torch.cuda.is_available() is False); it measures GPU "
               "kernels, so nothing was measured. Run it on a machine with an NVIDIA GPU and triton.",
@@ -281,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         print("kd_loss benchmark: triton is not installed (`pip install triton`); nothing was measured.",
               file=sys.stderr)
         return 2
+    if args.tune:
+        print(tune(args))
+        return 0
     if "liger" in args.impls and liger_module() is None:
         print("note: liger_kernel is not installed; its columns read n/a (`pip install liger-kernel`).",
               file=sys.stderr)

@@ -12,6 +12,7 @@ import yaml
 from compress.distill import losses as L
 from compress.errors import InputError
 from compress.kernels import interpreter_enabled, triton_installed
+from references import hand_rows
 
 LOGIT_FNS = {
     "forward_kl": (L.forward_kl, {}),
@@ -21,34 +22,6 @@ LOGIT_FNS = {
     "skew_reverse_kl": (L.skew_reverse_kl, {"alpha": 0.2}),
     "taid": (L.taid, {"t": 0.6}),
 }
-
-
-def hand_rows(s: torch.Tensor, teacher: torch.Tensor, name: str, tau: float, **kw: float) -> torch.Tensor:
-    """Per-row divergence in float64 written straight from the definitions (no masking tricks)."""
-    xs = s.double() / tau
-    xt = teacher.double() / tau
-    if name == "taid":
-        xt = (1 - kw["t"]) * xs.detach() + kw["t"] * xt
-        name = "forward_kl"
-    q = torch.softmax(xs, -1)
-    p = torch.softmax(xt, -1)
-
-    def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return (a * (a.log() - b.log())).sum(-1)
-
-    if name == "forward_kl":
-        return kl(p, q)
-    if name == "reverse_kl":
-        return kl(q, p)
-    if name == "jsd":
-        beta = kw["beta"]
-        m = beta * p + (1 - beta) * q
-        return beta * kl(p, m) + (1 - beta) * kl(q, m)
-    if name == "skew_kl":
-        return kl(p, kw["alpha"] * p + (1 - kw["alpha"]) * q)
-    if name == "skew_reverse_kl":
-        return kl(q, (1 - kw["alpha"]) * p + kw["alpha"] * q)
-    raise AssertionError(name)
 
 
 def hand_loss(s: torch.Tensor, teacher: torch.Tensor, name: str, tau: float, labels: torch.Tensor | None,
