@@ -33,6 +33,8 @@ class TinyEncoder(nn.Module):
         layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=dropout, batch_first=True, bias=False)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.classifier = nn.Linear(32, labels)
+        # never called: it gets no gradient on any rank, so (as in one process) AdamW must leave it as it is
+        self.unused_head = nn.Linear(32, labels)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         h = self.encoder(self.embed(input_ids) + self.pos, src_key_padding_mask=attention_mask == 0)
@@ -57,27 +59,40 @@ def global_batches(epoch: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def kd_loss(teacher: torch.nn.Module, temperature: float = 2.0):
+def kd_loss(teacher: torch.nn.Module, proj: nn.Module | None = None, temperature: float = 2.0):
+    """KL to the teacher's logits; with `proj`, plus an MSE through that trained projection, which lives
+    outside the student (an extra module, as the distill pass's hidden-state projections do)."""
+
     def loss_fn(student: torch.nn.Module, batch: dict, step: int) -> StepOutput:
         with torch.no_grad():
             t = teacher(**batch)
         s = student(**batch)
         kd = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True,
                       reduction="batchmean") * temperature**2
-        return StepOutput(loss=kd, terms={"kd": float(kd.detach())})
+        if proj is None:
+            return StepOutput(loss=kd, terms={"kd": float(kd.detach())})
+        mse = F.mse_loss(proj(s), t / 20)
+        return StepOutput(loss=kd + 0.1 * mse, terms={"kd": float(kd.detach()), "mse": float(mse.detach())})
 
     return loss_fn
+
+
+def initial_projection() -> nn.Linear:
+    torch.manual_seed(2)
+    return nn.Linear(3, 3)
 
 
 def run(checkpoint_dir: Path | None, steps: int = 6) -> tuple[dict[str, torch.Tensor], dict]:
     teacher = prepare_teacher(tiny_model(0, layers=2))
     teacher.classifier.weight.data *= 20  # a confident teacher: a loss that moves
     student = tiny_model(1, layers=1)
+    proj = initial_projection()
     cfg = TrainConfig(steps=steps, lr=3e-3, warmup_ratio=0.2, max_grad_norm=1.0, seed=0, checkpoint_every=4)
-    trainer = Trainer(student, cfg, loss_fn=kd_loss(teacher), train_batches=global_batches,
-                      checkpoint_dir=checkpoint_dir)
+    trainer = Trainer(student, cfg, loss_fn=kd_loss(teacher, proj), train_batches=global_batches,
+                      checkpoint_dir=checkpoint_dir, extra_modules={"proj": proj})
     result = trainer.train()
-    return {k: v.detach().clone() for k, v in student.state_dict().items()}, result
+    state = {**student.state_dict(), **{f"proj.{k}": v for k, v in proj.state_dict().items()}}
+    return {k: v.detach().clone() for k, v in state.items()}, result
 
 
 if __name__ == "__main__":

@@ -418,6 +418,11 @@ def test_two_processes_under_torchrun_match_one_process(tmp_path: Path):
 
     single, result = worker.run(tmp_path / "single-ckpt")
     assert max_diff(ddp["state"], single) < 1e-5
+    # the extra module trained too, and the parameter no rank used kept its initial value on both sides
+    initial = worker.tiny_model(1, layers=1).unused_head.weight
+    assert torch.equal(ddp["state"]["unused_head.weight"], initial)
+    assert torch.equal(single["unused_head.weight"], initial)
+    assert not torch.allclose(ddp["state"]["proj.weight"], worker.initial_projection().weight, atol=1e-4)
     assert ddp["result"]["loss_curve"] == pytest.approx(result["loss_curve"], rel=1e-5)
     assert result["loss_curve"][-1] < result["loss_curve"][0]
     # only rank 0 wrote checkpoints: one complete final one

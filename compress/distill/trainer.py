@@ -19,17 +19,19 @@ Steps are numbered from 1: `loss_fn`, `on_step_end`, the logs and the errors all
 being made (the first is step 1); a checkpoint of step k holds the state after k steps.
 
 Distributed training. When the process runs under torchrun (RANK / WORLD_SIZE in the environment, world
-size > 1), the trainer joins the process group (gloo on CPU, nccl on CUDA), broadcasts the student's and
-the extra modules' weights from rank 0, and shards the data: `train_batches` must yield the same *global*
-batches on every rank (it is deterministic per epoch), and each rank takes its contiguous slice of rows
-(dim 0 of every tensor). Each rank's loss is weighted by its share of the rows, and the gradients are
-summed over ranks once per optimizer step, so the update is that of single-process training on the global
-batch (exactly so for losses that are means over rows). This is data-parallel training as DDP does it;
-the gradients are reduced by hand rather than by a `DistributedDataParallel` wrapper, because distillation
-losses routinely leave parameters without gradients (an unused pooler, the modules OPTIMA does not pick,
-hidden-state-only losses), which DDP's reducer rejects, and because the extra modules live outside the
-student's forward; it also hands `loss_fn` the plain student (with its `.config`) on every rank. Only rank 0
-writes checkpoints and reports progress; buffers are not synchronised (transformers keep none that train).
+size > 1), the trainer joins the process group (gloo on CPU, nccl on CUDA) and wraps the student and the
+extra modules, under one root module whose forward is `loss_fn`, in `DistributedDataParallel`: DDP
+synchronises their weights from rank 0 and all-reduces the gradients in buckets while the backward pass
+still runs (skipped on the micro-batches before the last one of a gradient accumulation, `no_sync`). It is
+built with `find_unused_parameters=True`, because distillation routinely leaves parameters without
+gradients (an unused pooler, the modules OPTIMA does not pick, hidden-state-only losses); a parameter no
+rank gave a gradient keeps none, as in a single process. The data is sharded: `train_batches` must yield
+the same *global* batches on every rank (it is deterministic per epoch), and each rank takes its contiguous
+slice of rows (dim 0 of every tensor). Each rank's loss is weighted by its share of the rows (times the
+world size, which DDP's average divides out), so the update is that of single-process training on the
+global batch (exactly so for losses that are means over rows). `loss_fn` still gets the plain student
+(with its `.config`). Only rank 0 writes checkpoints and reports progress; buffers are synchronised once,
+when DDP is built (transformers keep none that train).
 """
 from __future__ import annotations
 
@@ -263,8 +265,8 @@ class Trainer:
                 for m in self.extra_modules.values():
                     m.to(self.device)
             _init_process_group(self.device)
-            self._broadcast_weights()
         self.is_main = self.rank == 0
+        self.ddp = self._wrap_ddp() if self.distributed else None
 
         self.params = [p for m in self._modules().values() for p in m.parameters() if p.requires_grad]
         if not self.params:
@@ -294,13 +296,15 @@ class Trainer:
     def _modules(self) -> dict[str, nn.Module]:
         return {"student": self.student, **self.extra_modules}
 
-    def _broadcast_weights(self) -> None:
-        import torch.distributed as dist
+    def _wrap_ddp(self) -> nn.Module:
+        """`DistributedDataParallel` over every trained module; calling it runs `loss_fn` (see the module doc).
+        Building it broadcasts rank 0's weights and buffers to the other ranks."""
+        from torch.nn.parallel import DistributedDataParallel
 
-        with torch.no_grad():
-            for module in self._modules().values():
-                for t in itertools.chain(module.parameters(), module.buffers()):
-                    dist.broadcast(t.data, src=0)
+        root = _TrainedModules(self._modules(), self.loss_fn)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(root, device_ids=ids, find_unused_parameters=True,
+                                       forward_sync_buffers=False)
 
     def _steps_from_epochs(self) -> int:
         batches = self.train_batches(0)
@@ -464,14 +468,19 @@ class Trainer:
             while self.step < self.total_steps:
                 step = self.step + 1
                 loss_sum, terms_sum = 0.0, {}
-                for _ in range(cfg.grad_accum):
+                for micro in range(cfg.grad_accum):
                     batch, share = self._shard(next(stream))
                     batch = _to_device(batch, self.device)
-                    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else nullcontext()
-                    with ctx:
-                        out = self.loss_fn(self.student, batch, step)
-                    weight = share / cfg.grad_accum
-                    (out.loss * weight).backward()
+                    # DDP all-reduces during the backward of the last micro-batch only
+                    sync = self.ddp is None or micro == cfg.grad_accum - 1
+                    with nullcontext() if sync else self.ddp.no_sync():  # type: ignore[union-attr]
+                        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else nullcontext()
+                        with ctx:
+                            out = (self.loss_fn(self.student, batch, step) if self.ddp is None
+                                   else self.ddp(batch, step))
+                        weight = share / cfg.grad_accum
+                        # DDP averages the gradients over the ranks: the world size undoes that average
+                        (out.loss * (weight * self.world_size)).backward()
                     loss_sum += float(out.loss.detach().float()) * weight
                     for k, v in out.terms.items():
                         terms_sum[k] = terms_sum.get(k, 0.0) + float(v) * weight
@@ -479,7 +488,6 @@ class Trainer:
                 if not math.isfinite(loss):
                     raise PassFailed(self.label, f"loss became {_fmt(loss)} at step {step} "
                                      f"(terms: {_fmt_terms(terms)})")
-                self._reduce_grads()
                 grad_norm = self._clip()
                 if grad_norm is not None and not math.isfinite(grad_norm):
                     raise PassFailed(self.label, f"gradient norm became {_fmt(grad_norm)} at step {step} "
@@ -530,31 +538,6 @@ class Trainer:
     def _comm_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
-    def _reduce_grads(self) -> None:
-        """Sum the (rows-weighted) gradients over the processes; a parameter no rank gave a gradient keeps none,
-        as in a single process."""
-        if not self.distributed:
-            return
-        import torch.distributed as dist
-
-        has = torch.tensor([p.grad is not None for p in self.params], dtype=torch.uint8, device=self._comm_device())
-        dist.all_reduce(has, op=dist.ReduceOp.MAX)
-        live = [p for p, h in zip(self.params, has.tolist()) if h]
-        for p in live:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-        for p in live:
-            buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)  # type: ignore[union-attr]
-        for grads in buckets.values():
-            for chunk in _chunks(grads, max_numel=1 << 24):
-                flat = torch.cat([g.reshape(-1) for g in chunk])
-                dist.all_reduce(flat)
-                offset = 0
-                for g in chunk:
-                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                    offset += g.numel()
-
     def _clip(self) -> float | None:
         if self.cfg.max_grad_norm is None:
             return None
@@ -577,17 +560,17 @@ class Trainer:
             yield lambda step, status: p(step, total, status)
 
 
-def _chunks(tensors: list[Tensor], max_numel: int) -> Iterator[list[Tensor]]:
-    chunk: list[Tensor] = []
-    size = 0
-    for t in tensors:
-        if chunk and size + t.numel() > max_numel:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(t)
-        size += t.numel()
-    if chunk:
-        yield chunk
+class _TrainedModules(nn.Module):
+    """The student and the extra modules under one root, whose forward is the pass's loss: what DDP wraps,
+    so that it sees every trained parameter and the autograd graph of the whole loss."""
+
+    def __init__(self, modules: Mapping[str, nn.Module], loss_fn: LossFn):
+        super().__init__()
+        self.parts = nn.ModuleDict(dict(modules))
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: dict[str, Any], step: int) -> StepOutput:
+        return self.loss_fn(self.parts["student"], batch, step)
 
 
 def _rows(batch: Any) -> int | None:
