@@ -106,7 +106,7 @@ else:
         x = torch.zeros(2, 3)
         assert kernel_usable(x) and not x.is_cuda
 
-    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
     @pytest.mark.parametrize("name", sorted(FNS))
     def test_kernel_matches_float64_reference(name: str, dtype: torch.dtype) -> None:
         fn, kw = FNS[name]
