@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q -c constraints.txt
 CONFIG ?= configs/minilm-sentiment.yaml
 
-.PHONY: demo test test-slow install-demo install-test clean
+.PHONY: demo test test-slow install-demo install-test gpu-wheels clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ test: install-test
 
 test-slow: install-test
 	$(PY) -m pytest -q -m slow
+
+# Wheels the lent GPU machine lacks (its image has torch, triton and numpy but no pydantic nor Liger, and it
+# reaches no registry) for its Python 3.12, into .whl/ (ignored by git): carry .whl to it (benchmarks/README.md)
+GPU_PY ?= 3.12
+gpu-wheels: $(PY)
+	$(PY) -m pip download -q -d .whl --no-deps --only-binary=:all: -c constraints.txt \
+		--python-version $(GPU_PY) --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+		pydantic pydantic-core annotated-types typing-inspection liger-kernel
 
 clean:
 	rm -rf $(VENV) exports .pytest_cache

@@ -177,9 +177,7 @@ def fused_linear_steps(args: argparse.Namespace, hidden_s: torch.Tensor, weight_
             mod = liger.LigerFusedLinearJSD(jsd_beta=beta, temperature=args.temperature)
 
         def liger_step(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            if labels is None:
-                return mod(h, w, hidden_t, weight_t)
-            return mod(h, w, hidden_t, weight_t, labels)
+            return mod(h, w, hidden_t, weight_t, labels)  # shift_labels has no default (0.8.x); None = all rows
 
         out["liger"] = liger_step
     return out
