@@ -74,6 +74,17 @@ def _load_block(S, T, VMASK, offs, n_cols, inv_tau, mix, HAS_MIX: tl.constexpr, 
 
 
 @triton.jit
+def _load_log_probs(S, T, VMASK, offs, n_cols, inv_tau, mix, lse_s, lse_t,
+                    HAS_MIX: tl.constexpr, HAS_VMASK: tl.constexpr):
+    """One chunk as log-probabilities ``a = log q`` (student), ``b = log p`` (teacher) and as ``q``, ``p``
+    (once sweep 1 has the row's log-sum-exps); what a sweep does not use, the compiler drops."""
+    xs, xt = _load_block(S, T, VMASK, offs, n_cols, inv_tau, mix, HAS_MIX, HAS_VMASK)
+    a = xs - lse_s
+    b = xt - lse_t
+    return a, b, tl.exp(a), tl.exp(b)
+
+
+@triton.jit
 def _kd_loss_kernel(
     S, stride_s, T, stride_t, G, stride_g, LABELS, VMASK, LOSS, NVALID,
     n_cols, inv_tau, scale, c_teacher, log_c_teacher, c_student, log_c_student, mix, ignore_index,
@@ -128,11 +139,7 @@ def _kd_loss_kernel(
         # ---- forward KL: sweep 2 writes loss and gradient ----------------------------------------------
         for start in range(0, n_cols, BLOCK):
             offs = start + cols
-            xs, xt = _load_block(S, T, VMASK, offs, n_cols, inv_tau, mix, HAS_MIX, HAS_VMASK)
-            a = xs - lse_s
-            b = xt - lse_t
-            q = tl.exp(a)
-            p = tl.exp(b)
+            a, b, q, p = _load_log_probs(S, T, VMASK, offs, n_cols, inv_tau, mix, lse_s, lse_t, HAS_MIX, HAS_VMASK)
             loss += tl.sum(tl.where(p > 0, p * (b - a), 0.0), 0)
             if WRITE_GRAD:
                 g = (q - p) * grad_scale
@@ -142,10 +149,7 @@ def _kd_loss_kernel(
         center = acc / z_s - lse_s + lse_t
         for start in range(0, n_cols, BLOCK):
             offs = start + cols
-            xs, xt = _load_block(S, T, VMASK, offs, n_cols, inv_tau, mix, HAS_MIX, HAS_VMASK)
-            a = xs - lse_s
-            b = xt - lse_t
-            q = tl.exp(a)
+            a, b, q, _ = _load_log_probs(S, T, VMASK, offs, n_cols, inv_tau, mix, lse_s, lse_t, HAS_MIX, HAS_VMASK)
             loss += tl.sum(tl.where(q > 0, q * (a - b), 0.0), 0)
             if WRITE_GRAD:
                 g = tl.where(q > 0, q * (a - b - center), 0.0) * grad_scale
@@ -157,11 +161,7 @@ def _kd_loss_kernel(
         extra = 0.0  # skew KL: sum p w;  skew reverse KL: alpha sum q^2 / m
         for start in range(0, n_cols, BLOCK):
             offs = start + cols
-            xs, xt = _load_block(S, T, VMASK, offs, n_cols, inv_tau, mix, HAS_MIX, HAS_VMASK)
-            a = xs - lse_s
-            b = xt - lse_t
-            q = tl.exp(a)
-            p = tl.exp(b)
+            a, b, q, p = _load_log_probs(S, T, VMASK, offs, n_cols, inv_tau, mix, lse_s, lse_t, HAS_MIX, HAS_VMASK)
             lm = _logaddexp(log_c_teacher + b, log_c_student + a)
             sum_p += tl.sum(tl.where(p > 0, p * (b - lm), 0.0), 0)
             sum_q += tl.sum(tl.where(q > 0, q * (a - lm), 0.0), 0)
@@ -179,11 +179,8 @@ def _kd_loss_kernel(
             center = sum_q - extra  # JSD: <q, d> (extra is 0);  skew reverse KL: <q, g>
             for start in range(0, n_cols, BLOCK):
                 offs = start + cols
-                xs, xt = _load_block(S, T, VMASK, offs, n_cols, inv_tau, mix, HAS_MIX, HAS_VMASK)
-                a = xs - lse_s
-                b = xt - lse_t
-                q = tl.exp(a)
-                p = tl.exp(b)
+                a, b, q, p = _load_log_probs(S, T, VMASK, offs, n_cols, inv_tau, mix, lse_s, lse_t, HAS_MIX,
+                                             HAS_VMASK)
                 lm = _logaddexp(log_c_teacher + b, log_c_student + a)
                 if KIND == 2:
                     g = c_student * tl.where(q > 0, q * (a - lm - center), 0.0)
