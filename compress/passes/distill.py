@@ -321,9 +321,7 @@ class Distill(Pass):
                 heads = cfg.relation_heads or s_ad.num_heads
                 terms["relation"] = losses.minilm_relation_kl(sc.q[-1], sc.k[-1], sc.v[-1], tc.q[-1], tc.k[-1], tc.v[-1],
                                                               mask, heads)
-            weight = {"logit": w.logit, "ce": w.ce, "hidden": w.hidden, "attention": w.attention,
-                      "attention_output": w.attention_output, "relation": w.relation, "embedding": w.embedding}
-            total = sum(weight[k] * v for k, v in terms.items())
+            total = sum(getattr(w, k) * v for k, v in terms.items())  # terms are named as LossWeights' fields
             if not isinstance(total, torch.Tensor):
                 raise InputError(f"passes: '{ctx.label}'.weights: every loss weight is 0 for this task; set one above 0")
             return StepOutput(loss=total, terms={k: float(v.detach()) for k, v in terms.items()})
@@ -343,7 +341,7 @@ class Distill(Pass):
 
         def on_step_end(step: int, out: StepOutput) -> None:
             if taid is not None:
-                taid.update(out.loss if isinstance(out.loss, float) else float(out.loss))
+                taid.update(out.loss)
             if cfg.schedule.kind == "optima" and step % sched.interval == 0:
                 new = reference_loss()
                 reward = relative_decrease(ref_state.prev, new) if ref_state.prev is not None else 0.0
@@ -360,7 +358,7 @@ class Distill(Pass):
 
         tcfg = TrainConfig(**{**{k: getattr(cfg, k) for k in TrainConfig.model_fields}, "seed": seed})
         extra_state: dict[str, Any] = {"schedule": sched, "reference": ref_state}
-        if taid is not None and hasattr(taid, "state_dict"):
+        if taid is not None:
             extra_state["taid"] = taid
         trainer = Trainer(student, tcfg, loss_fn=loss_fn, train_batches=batches, checkpoint_dir=ctx.work_dir / "ckpt",
                           extra_modules={"projections": projections, "filters": filters}, extra_state=extra_state,
@@ -380,7 +378,8 @@ class Distill(Pass):
             student_params=sum(p.numel() for p in student.parameters()),
             teacher_params=sum(p.numel() for p in teacher.parameters()),
         )
-        if distributed_env() is not None and distributed_env()[0] != 0:  # type: ignore[index]
+        env = distributed_env()
+        if env is not None and env[0] != 0:
             return artifact
         folder = ctx.save_student(student.cpu(), pre)
         if cfg.schedule.kind == "optima" and cfg.save_schedule_plot and sched.history:

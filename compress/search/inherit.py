@@ -3,7 +3,6 @@ random init. Layers are dropped through the model adapter, so no family is speci
 from __future__ import annotations
 
 import copy
-import math
 
 from torch import nn
 
@@ -11,11 +10,13 @@ from compress.errors import InputError
 
 
 def uniform_layers(num_teacher: int, num_student: int) -> list[int]:
-    """0-based teacher layers a student of `num_student` layers keeps: every k-th, always the last
-    (student layer i takes teacher layer ceil(i*L/M), as the uniform layer map)."""
+    """0-based teacher layers a student of `num_student` layers keeps: the teacher side of the uniform
+    layer map (student layer i takes teacher layer ceil(i*L/M)), so every k-th and always the last."""
+    from compress.distill.mapping import layer_map
+
     if not 0 < num_student <= num_teacher:
         raise InputError(f"student layers: {num_student} must be between 1 and the teacher's {num_teacher}")
-    return [math.ceil(i * num_teacher / num_student) - 1 for i in range(1, num_student + 1)]
+    return [t - 1 for _, t in layer_map(num_student, num_teacher, "uniform")]
 
 
 def _layer_container(model: nn.Module, layers: list[nn.Module]) -> tuple[nn.Module, str]:
