@@ -106,6 +106,19 @@ def _want_kernel(use_kernel: bool | None, where: str, *tensors: torch.Tensor) ->
     return True
 
 
+def _shared_vocab(v_student: int, v_teacher: int, vocab_size: int | None, where: str) -> int:
+    """The vocabulary width both sides are scored on: ``vocab_size`` (checked), else the common width."""
+    if vocab_size is not None:
+        if not 0 < vocab_size <= min(v_student, v_teacher):
+            raise InputError(f"{where}: vocab_size={vocab_size} must be in 1..{min(v_student, v_teacher)} "
+                             "(the smaller of the two vocabularies)")
+        return vocab_size
+    if v_student != v_teacher:
+        raise InputError(f"{where}: student vocabulary {v_student} != teacher vocabulary {v_teacher}; pass "
+                         "vocab_size=<size of the real shared vocabulary> to slice off the padded columns")
+    return v_student
+
+
 def _flatten_logits(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -121,20 +134,9 @@ def _flatten_logits(
             f"{where}: student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} must agree "
             "on every dimension but the last (vocabulary)"
         )
-    if vocab_size is not None:
-        if vocab_size <= 0 or vocab_size > min(student.shape[-1], teacher.shape[-1]):
-            raise InputError(
-                f"{where}: vocab_size={vocab_size} must be in 1..{min(student.shape[-1], teacher.shape[-1])} "
-                "(the smaller of the two vocabularies)"
-            )
-        student = student[..., :vocab_size]
-        teacher = teacher[..., :vocab_size]
-    elif student.shape[-1] != teacher.shape[-1]:
-        raise InputError(
-            f"{where}: student vocabulary {student.shape[-1]} != teacher vocabulary {teacher.shape[-1]}; pass "
-            "vocab_size=<size of the real shared vocabulary> to slice off the padded columns"
-        )
-    v = student.shape[-1]
+    v = _shared_vocab(student.shape[-1], teacher.shape[-1], vocab_size, where)
+    student = student[..., :v]
+    teacher = teacher[..., :v]
     s2 = student.reshape(-1, v)
     t2 = teacher.reshape(-1, v)
     lab = None
@@ -589,14 +591,7 @@ def fused_linear_kd(
                              f"the student's rows {tuple(lead)}")
         h_t = hid_t.reshape(n_rows, hid_t.shape[-1])
         v_t = w_t.shape[0]
-    v_s = head_weight_s.shape[0]
-    if vocab_size is None:
-        if v_s != v_t:
-            raise InputError(f"{where}: student vocabulary {v_s} != teacher vocabulary {v_t}; pass "
-                             "vocab_size=<size of the real shared vocabulary>")
-        vocab_size = v_s
-    elif not 0 < vocab_size <= min(v_s, v_t):
-        raise InputError(f"{where}: vocab_size={vocab_size} must be in 1..{min(v_s, v_t)}")
+    vocab_size = _shared_vocab(head_weight_s.shape[0], v_t, vocab_size, where)
     lab: torch.Tensor | None = None
     if labels is not None:
         if labels.shape != lead:
