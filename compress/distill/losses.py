@@ -696,6 +696,14 @@ def _prepare_pair(
     return hs.float(), ht.float()
 
 
+def _token_mse(hs: torch.Tensor, ht: torch.Tensor, proj: nn.Module | None, attention_mask: torch.Tensor | None,
+               where: str) -> torch.Tensor:
+    """Squared error averaged over the features, then over the valid tokens."""
+    s, t = _prepare_pair(hs, ht, proj, where)
+    per_token = (s - t).pow(2).mean(-1)
+    return _masked_mean(per_token, _token_mask(attention_mask, per_token.shape, per_token.device, where))
+
+
 def hidden_mse(
     hs: torch.Tensor,
     ht: torch.Tensor,
@@ -705,9 +713,7 @@ def hidden_mse(
 ) -> torch.Tensor:
     """Mean squared error between hidden states ``[..., D]`` (student projected by ``proj`` first), averaged
     over features and valid tokens (``attention_mask`` over the leading dims)."""
-    s, t = _prepare_pair(hs, ht, proj, "hidden_mse")
-    per_token = (s - t).pow(2).mean(-1)
-    return _masked_mean(per_token, _token_mask(attention_mask, per_token.shape, per_token.device, "hidden_mse"))
+    return _token_mse(hs, ht, proj, attention_mask, "hidden_mse")
 
 
 def hidden_cosine(
@@ -796,10 +802,7 @@ def attention_output_mse(
     proj: nn.Module | None = None,
 ) -> torch.Tensor:
     """MSE between the outputs of the attention sub-layers ``[B, T, D]`` on valid tokens (KD for QAT)."""
-    s, t = _prepare_pair(o_s, o_t, proj, "attention_output_mse")
-    per_token = (s - t).pow(2).mean(-1)
-    return _masked_mean(per_token, _token_mask(attention_mask, per_token.shape, per_token.device,
-                                               "attention_output_mse"))
+    return _token_mse(o_s, o_t, proj, attention_mask, "attention_output_mse")
 
 
 def _as_concat(x: torch.Tensor, where: str) -> torch.Tensor:
