@@ -200,35 +200,27 @@ def run_case(args: argparse.Namespace, vocab: int, tokens: int) -> Row:
         ht = torch.randn(tokens, h, device=dev, dtype=dtype, generator=gen)
         wt = (torch.randn(vocab, h, device=dev, dtype=dtype, generator=gen) * h**-0.5)
         steps = fused_linear_steps(args, hs, ws, ht, wt, labels)
-        for name in args.impls:
-            if name not in steps:
-                row.cells[name] = Cell(note="n/a")
-                continue
 
-            def step(fn: Callable[..., torch.Tensor] = steps[name], name: str = name) -> None:
-                hh = hs.detach().requires_grad_()
-                ww = ws.detach().requires_grad_()
-                loss = fn(hh, ww)
-                loss.backward()
-                losses[name] = loss.detach()
-
-            row.cells[name] = measure(step, args.warmup, args.iters)
+        def leaves() -> tuple[torch.Tensor, ...]:
+            return hs.detach().requires_grad_(), ws.detach().requires_grad_()
     else:
         student = torch.randn(tokens, vocab, device=dev, dtype=dtype, generator=gen) * 2
         teacher = torch.randn(tokens, vocab, device=dev, dtype=dtype, generator=gen) * 2
         steps = logit_steps(args, teacher, labels)
-        for name in args.impls:
-            if name not in steps:
-                row.cells[name] = Cell(note="n/a")
-                continue
 
-            def step(fn: Callable[..., torch.Tensor] = steps[name], name: str = name) -> None:
-                x = student.detach().requires_grad_()
-                loss = fn(x)
-                loss.backward()
-                losses[name] = loss.detach()
+        def leaves() -> tuple[torch.Tensor, ...]:
+            return (student.detach().requires_grad_(),)
+    for name in args.impls:
+        if name not in steps:
+            row.cells[name] = Cell(note="n/a")
+            continue
 
-            row.cells[name] = measure(step, args.warmup, args.iters)
+        def step(fn: Callable[..., torch.Tensor] = steps[name], name: str = name) -> None:
+            loss = fn(*leaves())
+            loss.backward()
+            losses[name] = loss.detach()
+
+        row.cells[name] = measure(step, args.warmup, args.iters)
     if "eager" in losses and "ours" in losses:
         row.max_abs_diff = abs(float(losses["eager"]) - float(losses["ours"]))
     return row
@@ -256,7 +248,7 @@ def _ratio(num: Cell | None, den: Cell | None, what: str) -> str:
 def render(rows: list[Row], args: argparse.Namespace) -> str:
     head = ["V", "tokens", "eager ms", "ours ms", "liger ms", "eager/ours", "liger/ours",
             "eager MiB", "ours MiB", "liger MiB", "ours/liger mem", "|dloss|"]
-    lines = [head]
+    lines = []
     for r in rows:
         e, o, g = r.cells.get("eager"), r.cells.get("ours"), r.cells.get("liger")
         lines.append([
@@ -265,15 +257,10 @@ def render(rows: list[Row], args: argparse.Namespace) -> str:
             _fmt(e, "mem"), _fmt(o, "mem"), _fmt(g, "mem"), _ratio(o, g, "mem"),
             "-" if r.max_abs_diff is None else f"{r.max_abs_diff:.1e}",
         ])
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
-    out = [f"kd_loss benchmark: loss={args.loss} dtype={args.dtype} tau={args.temperature} "
-           f"{'fused-linear hidden=' + str(args.hidden) if args.fused_linear else 'on logits'}; "
-           f"device={torch.cuda.get_device_name()}; speed-ups > 1 mean ours is faster"]
-    for i, line in enumerate(lines):
-        out.append("  ".join(str(c).rjust(w) for c, w in zip(line, widths)))
-        if i == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return "\n".join([f"kd_loss benchmark: loss={args.loss} dtype={args.dtype} tau={args.temperature} "
+                      f"{'fused-linear hidden=' + str(args.hidden) if args.fused_linear else 'on logits'}; "
+                      f"device={torch.cuda.get_device_name()}; speed-ups > 1 mean ours is faster",
+                      *_table(head, lines)])
 
 
 def _table(head: list[str], lines: list[list[str]]) -> list[str]:
