@@ -166,15 +166,6 @@ def load_model(path: Path) -> onnx.ModelProto:
         raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
-class _BelowLevel(logging.Filter):
-    def __init__(self, level: int):
-        super().__init__()
-        self.level = level
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= self.level
-
-
 @contextmanager
 def quiet_logs(*names: str, level: int = logging.ERROR, root: bool = False) -> Iterator[None]:
     """For the duration of a block, raise the named loggers to `level`, and with `root` drop records below
@@ -184,7 +175,9 @@ def quiet_logs(*names: str, level: int = logging.ERROR, root: bool = False) -> I
     saved = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(max(lg.getEffectiveLevel(), level))
-    flt = _BelowLevel(level)
+    def flt(record: logging.LogRecord) -> bool:  # logging takes a callable as a filter
+        return record.levelno >= level
+
     if root:
         logging.getLogger().addFilter(flt)
     try:
