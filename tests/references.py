@@ -4,6 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from compress.distill import losses as L
+
+#: The logit losses with the coefficients the tests use (kernel tests add boundary cases).
+LOGIT_FNS = {
+    "forward_kl": (L.forward_kl, {}),
+    "reverse_kl": (L.reverse_kl, {}),
+    "jsd": (L.jsd, {"beta": 0.3}),
+    "skew_kl": (L.skew_kl, {"alpha": 0.1}),
+    "skew_reverse_kl": (L.skew_reverse_kl, {"alpha": 0.2}),
+    "taid": (L.taid, {"t": 0.6}),
+}
+
 #: Test-case names that are another loss at a boundary value of its coefficient.
 ALIASES = {"taid": "forward_kl", "jsd_beta0": "forward_kl", "jsd_beta1": "reverse_kl"}
 

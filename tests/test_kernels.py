@@ -83,20 +83,11 @@ else:
 
     assert interpreter_enabled(), "the child run needs TRITON_INTERPRET=1"
     from compress.kernels import kd_loss as K  # noqa: E402  (imports triton, after the env var)
-    from references import hand_rows  # noqa: E402  (tests/ is on sys.path: pytest's rootdir import mode)
+    from references import LOGIT_FNS, hand_rows  # noqa: E402  (tests/ is on sys.path: pytest's rootdir import mode)
 
     V = 300  # not a power of two nor a multiple of any block
     MASKED = [0, 5, 6, 150, 299]
-    FNS = {
-        "forward_kl": (L.forward_kl, {}),
-        "reverse_kl": (L.reverse_kl, {}),
-        "jsd": (L.jsd, {"beta": 0.3}),
-        "jsd_beta0": (L.jsd, {"beta": 0.0}),
-        "jsd_beta1": (L.jsd, {"beta": 1.0}),
-        "skew_kl": (L.skew_kl, {"alpha": 0.1}),
-        "skew_reverse_kl": (L.skew_reverse_kl, {"alpha": 0.2}),
-        "taid": (L.taid, {"t": 0.6}),
-    }
+    FNS = {**LOGIT_FNS, "jsd_beta0": (L.jsd, {"beta": 0.0}), "jsd_beta1": (L.jsd, {"beta": 1.0})}
 
     def make(shape: tuple[int, ...], seed: int, dtype: torch.dtype, scale: float = 3.0) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)

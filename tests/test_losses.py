@@ -12,17 +12,7 @@ import yaml
 from compress.distill import losses as L
 from compress.errors import InputError
 from compress.kernels import interpreter_enabled, triton_installed
-from references import hand_rows
-
-LOGIT_FNS = {
-    "forward_kl": (L.forward_kl, {}),
-    "reverse_kl": (L.reverse_kl, {}),
-    "jsd": (L.jsd, {"beta": 0.3}),
-    "skew_kl": (L.skew_kl, {"alpha": 0.1}),
-    "skew_reverse_kl": (L.skew_reverse_kl, {"alpha": 0.2}),
-    "taid": (L.taid, {"t": 0.6}),
-}
-
+from references import LOGIT_FNS, hand_rows
 
 def hand_loss(s: torch.Tensor, teacher: torch.Tensor, name: str, tau: float, labels: torch.Tensor | None,
               **kw: float) -> torch.Tensor:
