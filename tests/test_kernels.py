@@ -49,17 +49,22 @@ from compress.kernels.kd_loss import MAX_BLOCK_GPU, default_num_warps
 
 block = MAX_BLOCK_GPU
 for kind in KERNEL_KINDS:
-    u = kernel_usage(kind, block=block, num_warps=default_num_warps(block), dtype="bf16", labels=True,
-                     vocab_mask=True, mix=kind == "forward_kl")
-    print(json.dumps({"kind": kind, "registers": u.registers, "spills": u.spills, "warps_per_sm": u.warps_per_sm}))
+    for phase in (None, 0, 1, 2):  # the row kernel, then each phase of the column-chunk kernel
+        if phase == 1 and KERNEL_KINDS[kind] < 2:
+            continue
+        u = kernel_usage(kind, block=block, num_warps=default_num_warps(block), dtype="bf16", labels=True,
+                         vocab_mask=True, mix=kind == "forward_kl", phase=phase)
+        print(json.dumps({"kind": kind, "phase": phase, "registers": u.registers, "spills": u.spills,
+                          "warps_per_sm": u.warps_per_sm}))
 """
 
     @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
     def test_kernels_compile_for_sm90_without_spills() -> None:
         """The interpreter does not catch what only the compiler rejects, nor what makes a kernel slow:
-        compile every kind at the GPU defaults (block, warps) ahead of time for an H100/H200 (sm_90), down
-        to a cubin with triton's ptxas, which needs no GPU; no register may spill and the register use must
-        leave room for at least 32 resident warps per SM (half the SM), or the memory-bound sweeps starve."""
+        compile every kind of both kernels at the GPU defaults (block, warps) ahead of time for an H100/H200
+        (sm_90), down to a cubin with triton's ptxas, which needs no GPU; no register may spill, and the
+        register use must leave room for at least 16 resident warps per SM (the measured-fastest launch,
+        8 warps at 4096, holds 16 to 32; see `default_num_warps`)."""
         import json
 
         from compress.kernels import KERNEL_KINDS
@@ -72,16 +77,19 @@ for kind in KERNEL_KINDS:
             pytest.skip(proc.stdout.strip())
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
         rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-        assert [r["kind"] for r in rows] == list(KERNEL_KINDS), proc.stdout
+        assert sorted({r["kind"] for r in rows}) == sorted(KERNEL_KINDS) and len(rows) == 3 * 5 + 3, proc.stdout
         for r in rows:
             assert r["spills"] == 0, r
-            assert r["warps_per_sm"] >= 32, r
+            assert r["warps_per_sm"] >= 16, r
 
 else:
     from compress.distill import losses as L
     from compress.kernels import KERNEL_KINDS, interpreter_enabled, kernel_usable
 
-    assert interpreter_enabled(), "the child run needs TRITON_INTERPRET=1"
+    # cpu: under the interpreter (the default); cuda: the same tests compiled for a GPU (benchmarks/gpu_check.sh)
+    DEVICE = os.environ.get("COMPRESS_KERNEL_DEVICE", "cpu")
+    assert DEVICE == "cuda" or interpreter_enabled(), "the child run needs TRITON_INTERPRET=1"
+    torch.set_default_device(DEVICE)
     from compress.kernels import kd_loss as K  # noqa: E402  (imports triton, after the env var)
     from references import LOGIT_FNS, hand_rows  # noqa: E402  (tests/ is on sys.path: pytest's rootdir import mode)
 
@@ -90,12 +98,30 @@ else:
     FNS = {**LOGIT_FNS, "jsd_beta0": (L.jsd, {"beta": 0.0}), "jsd_beta1": (L.jsd, {"beta": 1.0})}
 
     def make(shape: tuple[int, ...], seed: int, dtype: torch.dtype, scale: float = 3.0) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed)
-        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        return (torch.randn(*shape, generator=g, device="cpu") * scale).to(DEVICE, dtype)
 
-    def test_interpreter_is_active() -> None:
+    def test_kernels_run_where_asked() -> None:
         x = torch.zeros(2, 3)
-        assert kernel_usable(x) and not x.is_cuda
+        assert kernel_usable(x) and x.device.type == DEVICE
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize("name", sorted(FNS))
+    def test_large_vocabulary_against_float64(name: str, dtype: torch.dtype) -> None:
+        """A real LM vocabulary (2^17 + 123 columns: many GPU blocks and a ragged tail), every loss: fp32 within
+        1e-5 of the float64 loss, bf16 logits as in the small test."""
+        fn, kw = FNS[name]
+        v = (1 << 17) + 123
+        s, t = make((6, v), seed=21, dtype=dtype, scale=4.0), make((6, v), seed=22, dtype=dtype, scale=4.0)
+        x = s.clone().requires_grad_()
+        loss = fn(x, t, temperature=1.3, use_kernel=True, **kw)
+        loss.backward()
+        x64 = s.double().requires_grad_()
+        ref = hand_rows(x64, t.double(), name, 1.3, **kw).mean() * 1.3**2
+        ref.backward()
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-5 if dtype == torch.float32 else 2e-5, abs=1e-7)
+        err = (x.grad.double() - x64.grad).norm() / x64.grad.norm()
+        assert err.item() < (5e-5 if dtype == torch.float32 else 1e-2)  # sums over 131k columns in fp32
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
     @pytest.mark.parametrize("name", sorted(FNS))
@@ -153,7 +179,7 @@ else:
         assert torch.isfinite(g64).all() and torch.isfinite(r64).all()
         torch.testing.assert_close(r64, r512, rtol=1e-5, atol=1e-7)
         # fp32 rounding differs with the block size; |x| reaches 34, where one ulp is ~4e-6
-        torch.testing.assert_close(g64, g512, rtol=1e-5, atol=2e-6)
+        torch.testing.assert_close(g64, g512, rtol=1e-5, atol=4e-6)
         keep = [i for i in range(V) if not 64 <= i < 128]
         valid = labels != -100
         x64 = s[valid][:, keep].double().requires_grad_()
@@ -182,29 +208,74 @@ else:
         s, t = make((4, 50), seed=7, dtype=torch.float32), make((4, 50), seed=8, dtype=torch.float32)
         assert sched(s, t, use_kernel=True).item() == pytest.approx(sched(s, t, use_kernel=False).item(), rel=1e-5)
 
+    @pytest.mark.parametrize("strategy,chunk", [("rows", 4), ("vocab", 64), ("vocab", 1024)])
     @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "taid"])
-    def test_fused_linear_kd_matches_reference(kind: str) -> None:
+    def test_fused_linear_kd_matches_reference(kind: str, strategy: str, chunk: int) -> None:
+        """Both ways of cutting the logits against the materialised reference: row chunks of 4, column chunks
+        of 64 over V = 300 (a tail of 44, the rows' statistics folded over 5 chunks) and one chunk."""
         torch.manual_seed(9)
         n, d_s, d_t = 11, 16, 24
         h = torch.randn(n, d_s)
         w = torch.randn(V + 4, d_s) * 0.4  # student head padded by 4 rows
         ht, wt = torch.randn(n, d_t), torch.randn(V, d_t) * 0.4
+        w[40] += 3.0 * h.mean(0) / h.mean(0).norm()  # a late column chunk holds large logits: online rescaling
         labels = torch.arange(n)
         labels[[2, 7]] = -100
+        vocab_mask = torch.ones(V, dtype=torch.bool)
+        vocab_mask[[3, 70, 71, 299]] = False
         teacher: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
         teacher = (ht, wt) if kind != "jsd" else ht @ wt.t()  # the teacher as logits once
         res = []
         for use_kernel in (True, False):
             hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
             loss = L.fused_linear_kd(hh, ww, teacher, kind=kind, beta=0.6, alpha=0.2, taid_t=0.7, temperature=1.5,
-                                     labels=labels, vocab_size=V, chunk_size=4, use_kernel=use_kernel)
-            (2.0 * loss).backward()
+                                     labels=labels, vocab_size=V, vocab_mask=vocab_mask, chunk_size=chunk,
+                                     strategy=strategy, use_kernel=use_kernel)
+            (2.0 * loss).backward()  # grad_output != 1: the device-side scaling
             res.append((loss.detach(), hh.grad, ww.grad))
         (lk, hk, wk), (lr, hr, wr) = res
         assert lk.item() == pytest.approx(lr.item(), rel=1e-5)
         torch.testing.assert_close(hk, hr, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(wk, wr, rtol=1e-4, atol=1e-6)
         assert torch.count_nonzero(wk[V:]) == 0 and torch.count_nonzero(hk[[2, 7]]) == 0
+        assert torch.count_nonzero(wk[[3, 70, 71, 299]]) == 0
+
+    @pytest.mark.parametrize("name", sorted(KERNEL_KINDS))
+    def test_column_chunks_equal_the_row_kernel(name: str) -> None:
+        """The column-chunk kernel's phases over uneven chunks give the row kernel's losses and gradients."""
+        n = 5
+        s = make((n, V), seed=11, dtype=torch.float32, scale=6.0)
+        t = make((n, V), seed=12, dtype=torch.float32, scale=6.0)
+        s[:, 250] += 40.0  # the maximum arrives in the last chunk
+        kind = KERNEL_KINDS[name]
+        c_t, c_s = {"jsd": (0.4, 0.6), "skew_kl": (0.1, 0.9), "skew_reverse_kl": (0.9, 0.1)}.get(name, (0.0, 0.0))
+        labels = torch.tensor([0, -100, 2, 3, 4])
+        opts = dict(kind=kind, temperature=1.3, c_teacher=c_t, c_student=c_s, labels=labels, n_valid=4.0)
+        g_rows = torch.empty_like(s)
+        rows = K.kd_loss_rows(s, t, grad=g_rows, **opts)
+        g_cols = torch.full_like(s, float("nan"))
+        state = K.new_cols_state(n, s.device)
+        loss = torch.zeros(n)
+        cuts = [0, 100, 128, 256, V]
+        phases = [K.PHASE_STATS] + ([K.PHASE_SUMS] if kind >= K.JSD else []) + [K.PHASE_GRAD]
+        for phase in phases:
+            for c0, c1 in zip(cuts, cuts[1:]):
+                chunk = s[:, c0:c1].contiguous()
+                K.kd_loss_cols(chunk, t[:, c0:c1], phase=phase, state=state, loss=loss, grad=chunk, block_size=64,
+                               **opts)
+                if phase == K.PHASE_GRAD:
+                    g_cols[:, c0:c1] = chunk
+        torch.testing.assert_close(loss, rows, rtol=1e-5, atol=1e-7)
+        # fp32 rounding differs with the chunking where q is ~1 (the large logit, |x| ~35): one ulp is ~4e-6
+        torch.testing.assert_close(g_cols, g_rows, rtol=1e-4, atol=4e-6)
+
+    def test_backward_scaling_happens_on_the_device() -> None:
+        """grad_output is read by the kernel: exactly 1 leaves the buffer untouched, anything else scales it."""
+        x = torch.arange(10.0)
+        K.scale_by_grad_output(x, torch.tensor(1.0))
+        assert torch.equal(x, torch.arange(10.0))
+        K.scale_by_grad_output(x, torch.tensor(-0.5))
+        assert torch.equal(x, torch.arange(10.0) * -0.5)
 
     def test_fused_linear_kd_bf16_and_default_chunks() -> None:
         torch.manual_seed(10)
@@ -224,13 +295,17 @@ else:
         for got, want in ((hb.grad, h64.grad), (wb.grad, w64.grad)):
             err = (got.double() - want).norm() / want.norm()
             assert err.item() < 3e-2
-        # bf16 activations with an fp32 head (mixed precision): the weight's gradient stays fp32
-        h2, w2 = h.to(torch.bfloat16).requires_grad_(), w.clone().requires_grad_()
-        mixed = L.fused_linear_kd(h2, w2, t_logits, kind="jsd", chunk_size=5, use_kernel=True)
-        mixed.backward()
+        # bf16 activations with an fp32 head (mixed precision): the weight's gradient stays fp32 (on CUDA the
+        # GEMMs write it from bf16 operands directly)
         h3, w3 = h.to(torch.bfloat16).requires_grad_(), w.clone().requires_grad_()
         L.fused_linear_kd(h3, w3, t_logits, kind="jsd", use_kernel=False).backward()
-        assert w2.grad.dtype == torch.float32 and h2.grad.dtype == torch.bfloat16
-        assert ((w2.grad - w3.grad).norm() / w3.grad.norm()).item() < 3e-2
-        assert ((h2.grad.float() - h3.grad.float()).norm() / h3.grad.float().norm()).item() < 3e-2
-        assert K.default_chunk_rows(12, 32, V) == 1 and K.default_chunk_rows(4096, 4096, 32000) == 512
+        for strategy, chunk in (("vocab", 64), ("rows", 5)):
+            h2, w2 = h.to(torch.bfloat16).requires_grad_(), w.clone().requires_grad_()
+            mixed = L.fused_linear_kd(h2, w2, t_logits, kind="jsd", chunk_size=chunk, strategy=strategy,
+                                      use_kernel=True)
+            mixed.backward()
+            assert w2.grad.dtype == torch.float32 and h2.grad.dtype == torch.bfloat16
+            assert ((w2.grad - w3.grad).norm() / w3.grad.norm()).item() < 3e-2
+            assert ((h2.grad.float() - h3.grad.float()).norm() / h3.grad.float().norm()).item() < 3e-2
+        assert K.default_chunk_rows(12) == 12 and K.default_chunk_rows(4096) == 512 and K.default_chunk_rows(4096, 4) == 1024
+        assert K.default_chunk_cols(32, V) == 256 and K.default_chunk_cols(4096, 128_000) == 4096

@@ -164,6 +164,14 @@ def _valid_rows(labels: torch.Tensor | None, n_rows: int, ignore_index: int, dev
     return labels != ignore_index
 
 
+def _kernel_valid_count(labels: torch.Tensor | None, n_rows: int, ignore_index: int) -> torch.Tensor | float:
+    """The kernels' number of valid rows: known on the host without labels (no device work, no sync), else a
+    one-element device tensor (counting the labels on the host would sync)."""
+    if labels is None:
+        return float(n_rows)
+    return (labels != ignore_index).sum().clamp_min(1).to(torch.float32).reshape(1)
+
+
 def _resolve_kind(kind: str, beta: float, alpha: float, where: str) -> tuple[str, float, float]:
     """Map a loss name and its coefficient to the kernel's kind and mixture weights (c_teacher, c_student)."""
     if kind == "forward_kl" or kind == "reverse_kl":
@@ -261,8 +269,6 @@ def _logit_loss(
     vm = _check_vocab_mask(vocab_mask, v, where)
     if vm is not None and vm.device != s2.device:
         vm = vm.to(s2.device)
-    valid = _valid_rows(lab, n_rows, ignore_index, s2.device)
-    n_valid = valid.sum().clamp_min(1).to(torch.float32)
     if _want_kernel(use_kernel, where, s2, t2):
         from compress.kernels.kd_loss import fused_kd_loss
 
@@ -272,10 +278,13 @@ def _logit_loss(
             t2 = t2.contiguous()
         return fused_kd_loss(
             s2, t2.detach(), labels=lab.contiguous().to(torch.int64) if lab is not None else None,
-            vocab_mask=vm.to(torch.int8).contiguous() if vm is not None else None, n_valid=n_valid.reshape(1),
+            vocab_mask=vm.to(torch.int8).contiguous() if vm is not None else None,
+            n_valid=_kernel_valid_count(lab, n_rows, ignore_index),
             kind=KERNEL_KINDS[k_kind], temperature=tau, c_teacher=c_t, c_student=c_s, mix=mix,
             ignore_index=ignore_index, block_size=block_size,
         )
+    valid = _valid_rows(lab, n_rows, ignore_index, s2.device)
+    n_valid = valid.sum().clamp_min(1).to(torch.float32)
     if lab is not None:  # zero the ignored rows so that nothing they hold (even NaN) reaches the gradient
         s2 = torch.where(valid[:, None], s2, torch.zeros((), dtype=s2.dtype, device=s2.device))
         t2 = torch.where(valid[:, None], t2, torch.zeros((), dtype=t2.dtype, device=t2.device))
@@ -539,12 +548,14 @@ def fused_linear_kd(
     vocab_size: int | None = None,
     vocab_mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    strategy: Literal["auto", "vocab", "rows"] = "auto",
     use_kernel: bool | None = None,
 ) -> torch.Tensor:
     """A logit loss computed through the student's LM head: ``student_logits = hidden_s @ head_weight_s.T``.
 
-    On the kernel path the full ``[N, V]`` student logits never exist: rows go through the head in chunks of
-    ``chunk_size`` (default: a chunk of logits about the size of ``hidden_s``), the fused kernel writes each
+    On the kernel path the full ``[N, V]`` student logits never exist: the logits are computed one chunk at a
+    time (``strategy``: ``"rows"`` cuts the rows, fastest; ``"vocab"`` cuts every row into column chunks, least
+    memory; ``"auto"`` takes ``"rows"``, see `compress.kernels.kd_loss.STRATEGIES`), the fused kernel writes each
     chunk's logit gradient in place, and the gradients of ``hidden_s`` and ``head_weight_s`` are accumulated
     in a custom autograd Function (the weight's gradient in the weight's dtype). The reference path
     materialises the logits and calls the reference loss.
@@ -554,7 +565,9 @@ def fused_linear_kd(
         head_weight_s: ``[Vs, Ds]`` student LM-head weight (no bias).
         teacher: the teacher's logits ``[..., Vt]``, or ``(hidden_t [..., Dt], head_weight_t [Vt, Dt])``.
         kind: which logit loss; ``beta`` (jsd), ``alpha`` (skew losses), ``taid_t`` (taid at a fixed t).
-        chunk_size: rows per chunk on the kernel path.
+        chunk_size: rows (``"rows"``) or columns (``"vocab"``) per chunk on the kernel path; default: 512 rows
+            (1024 for an fp32 head), or a chunk of logits about the size of ``hidden_s``.
+        strategy: how the kernel path cuts the logits into chunks (``"auto"``, ``"vocab"`` or ``"rows"``).
         Others: as in `forward_kl` (``vocab_size`` slices both heads to the shared vocabulary).
     """
     where = "fused_linear_kd"
@@ -600,14 +613,20 @@ def fused_linear_kd(
         lab = labels.reshape(-1)
     vm = _check_vocab_mask(vocab_mask, vocab_size, where)
     tensors = [h_s, head_weight_s] + [x for x in (t_logits, h_t, w_t) if x is not None]
+    if strategy not in ("auto", "vocab", "rows"):
+        raise InputError(f"{where}: strategy must be 'auto', 'vocab' or 'rows', got {strategy!r}")
+    if chunk_size is not None and chunk_size <= 0:
+        raise InputError(f"{where}: chunk_size must be a positive integer, got {chunk_size}")
     if _want_kernel(use_kernel, where, *tensors):
-        from compress.kernels.kd_loss import FusedLinearKD, default_chunk_rows
+        from compress.kernels.kd_loss import FusedLinearKD, default_chunk_cols, default_chunk_rows
 
-        valid = _valid_rows(lab, n_rows, ignore_index, h_s.device)
-        n_valid = valid.sum().clamp_min(1).to(torch.float32).reshape(1)
-        chunk = chunk_size or default_chunk_rows(n_rows, h_s.shape[-1], vocab_size)
-        if chunk <= 0:
-            raise InputError(f"{where}: chunk_size must be a positive integer, got {chunk_size}")
+        how = "rows" if strategy == "auto" else strategy
+        if chunk_size is not None:
+            chunk = chunk_size
+        elif how == "vocab":
+            chunk = default_chunk_cols(h_s.shape[-1], vocab_size)
+        else:
+            chunk = default_chunk_rows(n_rows, head_weight_s.element_size())
         if t_logits is not None and t_logits.stride(-1) != 1:
             t_logits = t_logits.contiguous()
         options = dict(kind=KERNEL_KINDS[k_kind], temperature=tau, c_teacher=c_t, c_student=c_s, mix=mix,
@@ -616,7 +635,7 @@ def fused_linear_kd(
             h_s, head_weight_s, t_logits, h_t, w_t,
             lab.contiguous().to(torch.int64) if lab is not None else None,
             vm.to(h_s.device, torch.int8).contiguous() if vm is not None else None,
-            n_valid, vocab_size, chunk, options,
+            _kernel_valid_count(lab, n_rows, ignore_index), vocab_size, how, chunk, options,
         )
     s_logits = h_s @ head_weight_s[:vocab_size].to(h_s.dtype).t()
     if t_logits is None:

@@ -7,7 +7,8 @@ belongs to another package that transformers probes.
 On a machine without a GPU the kernels still run, slowly, under Triton's interpreter: set the environment
 variable ``TRITON_INTERPRET=1`` *before* triton is first imported (the tests do this in a subprocess).
 `compress.kernels.aot` compiles them ahead of time for an NVIDIA target, also without a GPU, and reads the
-compiler's register and spill report (how the launch parameters are chosen).
+compiler's register and spill report (a guard against spills; the launch parameters themselves come from
+the GPU sweep of ``benchmarks/kd_loss.py --tune``, recorded in `kd_loss.default_num_warps`).
 """
 from __future__ import annotations
 

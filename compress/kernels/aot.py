@@ -54,7 +54,7 @@ def occupancy(registers: int, num_warps: int) -> int:
 
 
 _PTR = {"S": "*{dt}", "T": "*{dt}", "G": "*{dt}", "LABELS": "*i64", "VMASK": "*i8", "LOSS": "*fp32",
-        "NVALID": "*fp32"}
+        "NVALID": "*fp32", "STATE": "*fp32"}
 _INT = {"stride_s": "i64", "stride_t": "i64", "stride_g": "i64", "n_cols": "i32", "ignore_index": "i32"}
 _USAGE = re.compile(
     r"(?P<stack>\d+) bytes stack frame, (?P<st>\d+) bytes spill stores, (?P<ld>\d+) bytes spill loads"
@@ -62,12 +62,15 @@ _USAGE = re.compile(
 
 
 def kernel_usage(kind: str, *, block: int, num_warps: int, dtype: str = "bf16", arch: int = 90,
-                 labels: bool = True, vocab_mask: bool = False, mix: bool = False) -> KernelUsage:
+                 labels: bool = True, vocab_mask: bool = False, mix: bool = False,
+                 phase: int | None = None) -> KernelUsage:
     """Compile one variant of the fused loss kernel for ``sm_<arch>`` and return ptxas' report.
 
     ``kind`` is a name of `compress.kernels.KERNEL_KINDS`; ``dtype`` the logits' triton type (bf16, fp16,
     fp32); ``labels``, ``vocab_mask`` and ``mix`` switch the kernel's optional inputs (ignore_index rows, a
-    masked vocabulary, TAID's interpolated target) on, as the losses do when they are given."""
+    masked vocabulary, TAID's interpolated target) on, as the losses do when they are given. ``phase``
+    compiles that phase of the column-chunk kernel (`_kd_cols_kernel`, the LM-head path) instead of the
+    row kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -78,10 +81,12 @@ def kernel_usage(kind: str, *, block: int, num_warps: int, dtype: str = "bf16", 
 
     if kind not in KERNEL_KINDS:
         raise ValueError(f"unknown kernel kind {kind!r}; one of {sorted(KERNEL_KINDS)}")
-    fn = K._kd_loss_kernel
+    fn = K._kd_loss_kernel if phase is None else K._kd_cols_kernel
     names = fn.arg_names
     const = {"KIND": KERNEL_KINDS[kind], "HAS_LABELS": labels, "HAS_MIX": mix, "HAS_VMASK": vocab_mask,
-             "WRITE_GRAD": True, "BLOCK": block}
+             "WRITE_GRAD": True, "BLOCK": block, "FAST_LOG": True}
+    if phase is not None:
+        const["PHASE"] = phase
     sig = {n: "constexpr" if n in const else _PTR.get(n, _INT.get(n, "fp32")).format(dt=dtype) for n in names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
