@@ -91,6 +91,7 @@ def run(checkpoint_dir: Path | None, steps: int = 6) -> tuple[dict[str, torch.Te
     trainer = Trainer(student, cfg, loss_fn=kd_loss(teacher, proj), train_batches=global_batches,
                       checkpoint_dir=checkpoint_dir, extra_modules={"proj": proj})
     result = trainer.train()
+    result["ddp"] = trainer.ddp is not None
     state = {**student.state_dict(), **{f"proj.{k}": v for k, v in proj.state_dict().items()}}
     return {k: v.detach().clone() for k, v in state.items()}, result
 

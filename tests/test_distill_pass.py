@@ -191,7 +191,10 @@ def test_fused_lm_head_matches_logits_path(tmp_path, tiny_gpt2_dir):
         })
         assert code == 0, rep["error"]
         curves[fused] = rep["passes"][0]["metrics"]["loss_curve"]
-        assert rep["passes"][0]["metrics"].get("fused_lm_head_steps", 0) == (4 if fused else 0)
+        m = rep["passes"][0]["metrics"]
+        assert m.get("fused_lm_head_steps", 0) == (4 if fused else 0)
+        assert m.get("fused_lm_head_kernel_steps", 0) == 0  # no GPU and no interpreter: the reference path
+        assert (m["train_device"], m["autocast"], m["process_group"]) == ("cpu", None, None)
     assert curves[True] == pytest.approx(curves[False], rel=1e-4)
 
 

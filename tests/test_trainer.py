@@ -427,3 +427,15 @@ def test_two_processes_under_torchrun_match_one_process(tmp_path: Path):
     assert result["loss_curve"][-1] < result["loss_curve"][0]
     # only rank 0 wrote checkpoints: one complete final one
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step-00000006"]
+
+
+def test_one_process_under_torchrun_trains_in_a_group_of_one(tmp_path: Path):
+    """torchrun with one process (how the nccl path is run on a single GPU) joins a process group of one and
+    wraps the student in DDP; it trains as the plain process does."""
+    out = tmp_path / "ddp1.pt"
+    assert launch_distributed(1, [str(WORKER_PATH), str(out), str(tmp_path / "ckpt")]) == 0
+    ddp = torch.load(out, weights_only=False)
+    assert ddp["world_size"] == 1 and ddp["result"]["ddp"] is True
+    single, result = worker.run(tmp_path / "single-ckpt")
+    assert max_diff(ddp["state"], single) < 1e-5
+    assert ddp["result"]["loss_curve"] == pytest.approx(result["loss_curve"], rel=1e-5)

@@ -18,8 +18,9 @@ It owns what every pass needs the same way:
 Steps are numbered from 1: `loss_fn`, `on_step_end`, the logs and the errors all name the optimizer step
 being made (the first is step 1); a checkpoint of step k holds the state after k steps.
 
-Distributed training. When the process runs under torchrun (RANK / WORLD_SIZE in the environment, world
-size > 1), the trainer joins the process group (gloo on CPU, nccl on CUDA) and wraps the student and the
+Distributed training. When the process runs under torchrun (RANK / WORLD_SIZE in the environment, with
+one process too: `torchrun --nproc_per_node 1 -m compress.cli run ...` trains in a group of one), the
+trainer joins the process group (gloo on CPU, nccl on CUDA) and wraps the student and the
 extra modules, under one root module whose forward is `loss_fn`, in `DistributedDataParallel`: DDP
 synchronises their weights from rank 0 and all-reduces the gradients in buckets while the backward pass
 still runs (skipped on the micro-batches before the last one of a gradient accumulation, `no_sync`). It is
@@ -38,6 +39,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import importlib
+import inspect
 import itertools
 import json
 import logging
@@ -130,12 +132,12 @@ BatchFn = Callable[[int], Iterable[dict[str, Any]]]
 
 
 def distributed_env() -> tuple[int, int, int] | None:
-    """(rank, world_size, local_rank) when this process runs under torchrun with more than one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or "RANK" not in os.environ:
+    """(rank, world_size, local_rank) when this process runs under torchrun (any number of processes, one
+    included: torchrun sets RANK and WORLD_SIZE), else None."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return None
     rank = int(os.environ["RANK"])
-    return rank, world, int(os.environ.get("LOCAL_RANK", rank))
+    return rank, int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", rank))
 
 
 def local_device() -> torch.device:
@@ -303,8 +305,10 @@ class Trainer:
 
         root = _TrainedModules(self._modules(), self.loss_fn)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(root, device_ids=ids, find_unused_parameters=True,
-                                       forward_sync_buffers=False)
+        # no buffer broadcast at each forward: `forward_sync_buffers` from torch 2.13, `broadcast_buffers` before
+        no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel)
+                   .parameters else "broadcast_buffers")
+        return DistributedDataParallel(root, device_ids=ids, find_unused_parameters=True, **{no_sync: False})
 
     def _steps_from_epochs(self) -> int:
         batches = self.train_batches(0)
@@ -514,12 +518,22 @@ class Trainer:
         return self._result()
 
     def _result(self) -> dict[str, Any]:
+        """What was trained and how: the curves, and where (device, autocast dtype, process group backend and
+        size) so that a run's report shows which path it took."""
+        group = None
+        if self.distributed:
+            import torch.distributed as dist
+
+            group = f"{dist.get_backend()} x{self.world_size}"
         return {
             "steps": self.step,
             "final_loss": self.loss_curve[-1] if self.loss_curve else None,
             "loss_curve": list(self.loss_curve),
             "lr_curve": list(self.lr_curve),
             "resumed_from": self.resumed_from,
+            "device": str(self.device),
+            "autocast": "bf16" if self.cfg.bf16 and self.device.type == "cuda" else None,
+            "process_group": group,
         }
 
     def _reduce(self, loss: float, terms: dict[str, float]) -> tuple[float, dict[str, float]]:

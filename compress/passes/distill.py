@@ -225,10 +225,13 @@ class Distill(Pass):
                 kw["alpha"] = cfg.alpha
             return getattr(losses, cfg.logit_loss)(s_logits, t_logits, **kw)
 
-        fused_calls = [0]
+        fused_calls = [0, 0]  # calls, calls that ran the fused kernel (CUDA, or CPU under the interpreter)
 
         def fused_logit_term(s_h: torch.Tensor, t_h: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+            from compress.kernels import kernel_usable
+
             fused_calls[0] += 1
+            fused_calls[1] += int(kernel_usable(s_h))
             s_h, t_h = s_h[:, :-1].reshape(-1, s_h.shape[-1]), t_h[:, :-1].reshape(-1, t_h.shape[-1])
             kw: dict[str, Any] = {"temperature": cfg.temperature, "beta": cfg.beta, "alpha": cfg.alpha,
                                   "labels": labels[:, 1:].reshape(-1) if labels is not None else None,
@@ -365,7 +368,7 @@ class Distill(Pass):
                           progress=ctx.progress, on_step_end=on_step_end, label=ctx.label)
         result = trainer.train()
         if fused:
-            ctx.metrics["fused_lm_head_steps"] = fused_calls[0]
+            ctx.metrics.update(fused_lm_head_steps=fused_calls[0], fused_lm_head_kernel_steps=fused_calls[1])
         if cache is not None:
             ctx.metrics.update(teacher_cache_hits=cache.hits, teacher_cache_misses=cache.misses)
         for rnd in sched.history:
@@ -374,6 +377,7 @@ class Distill(Pass):
                           reward=rnd["reward"])
         ctx.metrics.update(
             steps=result["steps"], final_loss=result["final_loss"], loss_curve=result["loss_curve"],
+            train_device=result["device"], autocast=result["autocast"], process_group=result["process_group"],
             resumed_from=result.get("resumed_from"), student_layers=s_ad.num_layers,
             student_params=sum(p.numel() for p in student.parameters()),
             teacher_params=sum(p.numel() for p in teacher.parameters()),
