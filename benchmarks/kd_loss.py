@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl")
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "taid")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -42,13 +42,16 @@ class Cell:
 class Row:
     vocab: int
     tokens: int
+    loss: str = "forward_kl"
     cells: dict[str, Cell] = field(default_factory=dict)
     max_abs_diff: float | None = None  # |loss_kernel - loss_eager|
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--loss", choices=LOSSES, default="forward_kl", help="which logit loss (default forward_kl)")
+    p.add_argument("--loss", choices=(*LOSSES, "all"), nargs="+", default=["forward_kl"],
+                   help="which logit losses (default forward_kl; all: every one, TAID at t=--taid-t included)")
+    p.add_argument("--taid-t", type=float, default=0.4, help="TAID's interpolation t")
     p.add_argument("--vocab", type=int, nargs="+", default=[32_000, 128_000, 256_000], help="vocabulary sizes")
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384], help="rows (batch x sequence)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="logits dtype (default bf16)")
@@ -62,7 +65,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="small sweep: V in {32k, 128k}, tokens 4k, 5 iterations")
-    p.add_argument("--impls", nargs="+", default=["eager", "ours", "liger"], choices=["eager", "ours", "liger"])
+    p.add_argument("--impls", nargs="+", default=["eager", "ours", "kernel", "liger"],
+                   choices=["eager", "ours", "kernel", "liger"],
+                   help="kernel: our kernel alone (default launch, gradient buffer allocated once), on logits")
+    p.add_argument("--variants", nargs="+", default=None, metavar="STRATEGY:CHUNK",
+                   help="--fused-linear: also time ours cut these ways, e.g. vocab:4096 rows:128 (strategy, and "
+                        "columns or rows per chunk); default: the library's choice only")
+    p.add_argument("--profile", action="store_true",
+                   help="profile a few steps of our logits path (torch.profiler): where the time around the "
+                        "kernel goes")
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     p.add_argument("--tune", action="store_true",
                    help="time only our kernel at every --blocks x --warps, next to the default launch")
@@ -72,7 +83,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--blocks", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="for --tune/--static")
     p.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16, 32], help="for --tune/--static")
     p.add_argument("--arch", type=int, default=90, help="compute capability for --static (90 = H100/H200)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cpu: a dry run of every code path at tiny sizes under TRITON_INTERPRET=1 (no timing)")
     args = p.parse_args(argv)
+    if "all" in args.loss:
+        args.loss = list(LOSSES)
     if args.quick:
         args.vocab = [32_000, 128_000]
         args.tokens = [4096]
@@ -95,8 +110,19 @@ def liger_beta(loss: str, beta: float) -> float | None:
     return {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": beta}.get(loss)
 
 
+def device_name(args: argparse.Namespace) -> str:
+    return torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreter: a dry run, no timing)"
+
+
 def measure(step: Callable[[], None], warmup: int, iters: int) -> Cell:
-    """Median time of `step` (forward + backward) and its peak memory above what was allocated before."""
+    """Median time of `step` (forward + backward) and its peak memory above what was allocated before; on the
+    CPU (a dry run of the script under the Triton interpreter) only that it runs."""
+    if not torch.cuda.is_available():
+        try:
+            step()
+        except Exception as exc:
+            return Cell(note=f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:60] if str(exc) else ''}")
+        return Cell(ms=0.0, peak_mib=0.0)
     try:
         for _ in range(warmup):
             step()
@@ -122,17 +148,18 @@ def measure(step: Callable[[], None], warmup: int, iters: int) -> Cell:
         torch.cuda.empty_cache()
 
 
-def logit_steps(args: argparse.Namespace, teacher: torch.Tensor,
+def loss_kwargs(loss: str, args: argparse.Namespace) -> dict[str, Any]:
+    return {"jsd": {"beta": args.beta}, "skew_kl": {"alpha": args.alpha}, "skew_reverse_kl": {"alpha": args.alpha},
+            "taid": {"t": args.taid_t}}.get(loss, {})
+
+
+def logit_steps(args: argparse.Namespace, loss: str, teacher: torch.Tensor,
                 labels: torch.Tensor | None) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """loss(student_logits) closures, one per implementation (each returns the loss; the caller backprops)."""
     from compress.distill import losses as L
 
-    fn = getattr(L, args.loss)
-    kw: dict[str, Any] = {}
-    if args.loss == "jsd":
-        kw = {"beta": args.beta}
-    elif args.loss in ("skew_kl", "skew_reverse_kl"):
-        kw = {"alpha": args.alpha}
+    fn = getattr(L, loss)
+    kw = loss_kwargs(loss, args)
     tau = args.temperature
 
     def eager(x: torch.Tensor) -> torch.Tensor:
@@ -143,7 +170,7 @@ def logit_steps(args: argparse.Namespace, teacher: torch.Tensor,
 
     out: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"eager": eager, "ours": ours}
     liger = liger_module()
-    beta = liger_beta(args.loss, args.beta)
+    beta = liger_beta(loss, args.beta)
     if liger is not None and beta is not None:
         jsd = liger.LigerJSD(beta=beta, ignore_index=-100)
 
@@ -158,18 +185,49 @@ def logit_steps(args: argparse.Namespace, teacher: torch.Tensor,
     return out
 
 
-def fused_linear_steps(args: argparse.Namespace, hidden_s: torch.Tensor, weight_s: torch.Tensor,
+def kernel_alone(args: argparse.Namespace, loss: str, student: torch.Tensor, teacher: torch.Tensor,
+                 labels: torch.Tensor | None) -> Callable[[], None]:
+    """Our kernel launched directly at its default launch on a gradient buffer allocated once: the floor the
+    API path (checks, allocation, autograd) is measured against."""
+    from compress.distill.losses import _resolve_kind
+    from compress.kernels import KERNEL_KINDS
+    from compress.kernels.kd_loss import kd_loss_rows
+
+    name, c_t, c_s = _resolve_kind("forward_kl" if loss == "taid" else loss, args.beta, args.alpha, "--loss")
+    grad = torch.empty_like(student)
+    n_valid: torch.Tensor | float = float(student.shape[0])
+    if labels is not None:
+        n_valid = (labels != -100).sum().clamp_min(1).float().reshape(1)
+    mix = args.taid_t if loss == "taid" else None
+    return lambda: kd_loss_rows(student, teacher, kind=KERNEL_KINDS[name], n_valid=n_valid, grad=grad,
+                                temperature=args.temperature, c_teacher=c_t, c_student=c_s, mix=mix, labels=labels)
+
+
+def fused_linear_steps(args: argparse.Namespace, loss: str, hidden_s: torch.Tensor, weight_s: torch.Tensor,
                        hidden_t: torch.Tensor, weight_t: torch.Tensor,
                        labels: torch.Tensor | None) -> dict[str, Callable[..., torch.Tensor]]:
+    """eager, liger and ours (one column per --strategies x --chunks, else the library's default)."""
     from compress.distill import losses as L
 
-    kw = dict(kind=args.loss, beta=args.beta, alpha=args.alpha, temperature=args.temperature, labels=labels)
+    kw = dict(kind=loss, beta=args.beta, alpha=args.alpha, taid_t=args.taid_t, temperature=args.temperature,
+              labels=labels)
     out: dict[str, Callable[..., torch.Tensor]] = {
         "eager": lambda h, w: L.fused_linear_kd(h, w, (hidden_t, weight_t), use_kernel=False, **kw),
-        "ours": lambda h, w: L.fused_linear_kd(h, w, (hidden_t, weight_t), use_kernel=True, **kw),
     }
+    variants: list[tuple[str | None, int | None]] = [(None, None)]
+    for spec in args.variants or []:
+        strategy, _, chunk = spec.partition(":")
+        variants.append((strategy, int(chunk) if chunk else None))
+    for strategy, chunk in variants:
+        name = "ours" if strategy is None else f"ours {strategy}" + (f" {chunk}" if chunk else "")
+
+        def ours(h: torch.Tensor, w: torch.Tensor, strategy: str | None = strategy, chunk: int | None = chunk):
+            return L.fused_linear_kd(h, w, (hidden_t, weight_t), use_kernel=True, strategy=strategy or "auto",
+                                     chunk_size=chunk, **kw)
+
+        out[name] = ours
     liger = liger_module()
-    beta = liger_beta(args.loss, args.beta)
+    beta = liger_beta(loss, args.beta)
     if liger is not None and beta is not None and hasattr(liger, "LigerFusedLinearJSD"):
         try:
             mod = liger.LigerFusedLinearJSD(jsd_beta=beta, ignore_index=-100, temperature=args.temperature)
@@ -183,11 +241,11 @@ def fused_linear_steps(args: argparse.Namespace, hidden_s: torch.Tensor, weight_
     return out
 
 
-def run_case(args: argparse.Namespace, vocab: int, tokens: int) -> Row:
+def run_case(args: argparse.Namespace, loss: str, vocab: int, tokens: int) -> Row:
     dtype = DTYPES[args.dtype]
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
     gen = torch.Generator(device=dev).manual_seed(0)
-    row = Row(vocab=vocab, tokens=tokens)
+    row = Row(vocab=vocab, tokens=tokens, loss=loss)
     labels = None
     if args.ignore_frac > 0:
         labels = torch.randint(0, vocab, (tokens,), device=dev, generator=gen)
@@ -199,30 +257,39 @@ def run_case(args: argparse.Namespace, vocab: int, tokens: int) -> Row:
         ws = (torch.randn(vocab, h, device=dev, dtype=dtype, generator=gen) * h**-0.5)
         ht = torch.randn(tokens, h, device=dev, dtype=dtype, generator=gen)
         wt = (torch.randn(vocab, h, device=dev, dtype=dtype, generator=gen) * h**-0.5)
-        steps = fused_linear_steps(args, hs, ws, ht, wt, labels)
+        steps = fused_linear_steps(args, loss, hs, ws, ht, wt, labels)
+        names = [n for n in steps if n.startswith("ours")] + [n for n in args.impls if n in ("eager", "liger")]
 
         def leaves() -> tuple[torch.Tensor, ...]:
             return hs.detach().requires_grad_(), ws.detach().requires_grad_()
     else:
         student = torch.randn(tokens, vocab, device=dev, dtype=dtype, generator=gen) * 2
         teacher = torch.randn(tokens, vocab, device=dev, dtype=dtype, generator=gen) * 2
-        steps = logit_steps(args, teacher, labels)
+        steps = logit_steps(args, loss, teacher, labels)
+        names = list(args.impls)
 
         def leaves() -> tuple[torch.Tensor, ...]:
             return (student.detach().requires_grad_(),)
-    for name in args.impls:
+    for name in names:
+        if name == "kernel":
+            if not args.fused_linear:
+                row.cells[name] = measure(kernel_alone(args, loss, student, teacher, labels), args.warmup, args.iters)
+            continue
         if name not in steps:
             row.cells[name] = Cell(note="n/a")
             continue
 
         def step(fn: Callable[..., torch.Tensor] = steps[name], name: str = name) -> None:
-            loss = fn(*leaves())
-            loss.backward()
-            losses[name] = loss.detach()
+            value = fn(*leaves())
+            value.backward()
+            losses[name] = value.detach()
 
         row.cells[name] = measure(step, args.warmup, args.iters)
     if "eager" in losses and "ours" in losses:
         row.max_abs_diff = abs(float(losses["eager"]) - float(losses["ours"]))
+    ours = [v for k, v in losses.items() if k.startswith("ours")]
+    if "eager" in losses and ours:
+        row.max_abs_diff = max(abs(float(losses["eager"]) - float(v)) for v in ours)
     return row
 
 
@@ -246,21 +313,35 @@ def _ratio(num: Cell | None, den: Cell | None, what: str) -> str:
 
 
 def render(rows: list[Row], args: argparse.Namespace) -> str:
-    head = ["V", "tokens", "eager ms", "ours ms", "liger ms", "eager/ours", "liger/ours",
-            "eager MiB", "ours MiB", "liger MiB", "ours/liger mem", "|dloss|"]
+    what = f"fused-linear hidden={args.hidden}" if args.fused_linear else "on logits"
+    title = (f"kd_loss benchmark {what}: dtype={args.dtype} tau={args.temperature}; "
+             f"device={device_name(args)}; speed-ups > 1 mean ours is faster")
+    if args.fused_linear:
+        return "\n".join([title, *_fused_table(rows)])
+    head = ["loss", "V", "tokens", "eager ms", "ours ms", "kernel ms", "liger ms", "eager/ours", "liger/ours",
+            "ours/kernel", "eager MiB", "ours MiB", "liger MiB", "ours/liger mem", "|dloss|"]
     lines = []
     for r in rows:
-        e, o, g = r.cells.get("eager"), r.cells.get("ours"), r.cells.get("liger")
+        e, o, k, g = (r.cells.get(n) for n in ("eager", "ours", "kernel", "liger"))
         lines.append([
-            f"{r.vocab:,}", f"{r.tokens:,}", _fmt(e, "ms"), _fmt(o, "ms"), _fmt(g, "ms"),
-            _ratio(e, o, "ms"), _ratio(g, o, "ms"),
+            r.loss, f"{r.vocab:,}", f"{r.tokens:,}", _fmt(e, "ms"), _fmt(o, "ms"), _fmt(k, "ms"), _fmt(g, "ms"),
+            _ratio(e, o, "ms"), _ratio(g, o, "ms"), _ratio(o, k, "ms"),
             _fmt(e, "mem"), _fmt(o, "mem"), _fmt(g, "mem"), _ratio(o, g, "mem"),
             "-" if r.max_abs_diff is None else f"{r.max_abs_diff:.1e}",
         ])
-    return "\n".join([f"kd_loss benchmark: loss={args.loss} dtype={args.dtype} tau={args.temperature} "
-                      f"{'fused-linear hidden=' + str(args.hidden) if args.fused_linear else 'on logits'}; "
-                      f"device={torch.cuda.get_device_name()}; speed-ups > 1 mean ours is faster",
-                      *_table(head, lines)])
+    return "\n".join([title, *_table(head, lines)])
+
+
+def _fused_table(rows: list[Row]) -> list[str]:
+    """One line per implementation (each of ours' strategy x chunk variants), ratios against eager and Liger."""
+    head = ["loss", "V", "tokens", "impl", "ms", "MiB", "eager/this", "liger/this", "this/liger mem"]
+    lines = []
+    for r in rows:
+        e, g = r.cells.get("eager"), r.cells.get("liger")
+        for name, cell in r.cells.items():
+            lines.append([r.loss, f"{r.vocab:,}", f"{r.tokens:,}", name, _fmt(cell, "ms"), _fmt(cell, "mem"),
+                          _ratio(e, cell, "ms"), _ratio(g, cell, "ms"), _ratio(cell, g, "mem")])
+    return _table(head, lines)
 
 
 def _table(head: list[str], lines: list[list[str]]) -> list[str]:
@@ -303,12 +384,12 @@ def tune(args: argparse.Namespace) -> str:
     from compress.kernels.kd_loss import _pick_block, default_num_warps, kd_loss_rows
 
     dtype = DTYPES[args.dtype]
-    dev = torch.device("cuda")
-    name, c_t, c_s = _resolve_kind(args.loss, args.beta, args.alpha, "--loss")
-    kind = KERNEL_KINDS[name]
-    head = ["V", "tokens", "block", "warps", "ms", "default/this"]
+    dev = torch.device(args.device)
+    head = ["loss", "V", "tokens", "block", "warps", "ms", "default/this"]
     lines: list[list[str]] = []
-    for vocab in args.vocab:
+    for loss, vocab in ((loss, vocab) for loss in args.loss for vocab in args.vocab):
+        name, c_t, c_s = _resolve_kind("forward_kl" if loss == "taid" else loss, args.beta, args.alpha, "--loss")
+        kind = KERNEL_KINDS[name]
         for tokens in args.tokens:
             gen = torch.Generator(device=dev).manual_seed(0)
             s = torch.randn(tokens, vocab, device=dev, dtype=dtype, generator=gen) * 2
@@ -324,20 +405,49 @@ def tune(args: argparse.Namespace) -> str:
 
             base = launch(None, None)
             b0 = _pick_block(vocab, None)
-            lines.append([f"{vocab:,}", f"{tokens:,}", f"{b0} (default)", str(default_num_warps(b0)),
+            lines.append([loss, f"{vocab:,}", f"{tokens:,}", f"{b0} (default)", str(default_num_warps(b0)),
                           _fmt(base, "ms"), "1.00x"])
             for block in args.blocks:
                 for warps in args.warps:
                     if block < 32 * warps:
                         continue
                     cell = launch(block, warps)
-                    lines.append([f"{vocab:,}", f"{tokens:,}", str(block), str(warps), _fmt(cell, "ms"),
+                    lines.append([loss, f"{vocab:,}", f"{tokens:,}", str(block), str(warps), _fmt(cell, "ms"),
                                   _ratio(base, cell, "ms")])
-            print(f"tuned V={vocab} tokens={tokens}", file=sys.stderr, flush=True)
+            print(f"tuned {loss} V={vocab} tokens={tokens}", file=sys.stderr, flush=True)
             del s, t, g
-    return "\n".join([f"kd_loss kernel launch sweep: loss={args.loss} dtype={args.dtype}; "
-                      f"device={torch.cuda.get_device_name()}; default/this > 1 means this launch is faster",
+    return "\n".join([f"kd_loss kernel launch sweep: dtype={args.dtype}; "
+                      f"device={device_name(args)}; default/this > 1 means this launch is faster",
                       *_table(head, lines)])
+
+
+def profile(args: argparse.Namespace) -> str:
+    """torch.profiler over a few steps of our logits path (first --loss, --vocab and --tokens): the CUDA
+    kernels with their time, and the wall time of a step next to the kernel's own."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    loss, vocab, tokens = args.loss[0], args.vocab[0], args.tokens[0]
+    dev = torch.device(args.device)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    student = torch.randn(tokens, vocab, device=dev, dtype=DTYPES[args.dtype], generator=gen) * 2
+    teacher = torch.randn(tokens, vocab, device=dev, dtype=DTYPES[args.dtype], generator=gen) * 2
+    ours = logit_steps(args, loss, teacher, None)["ours"]
+
+    def step() -> None:
+        ours(student.detach().requires_grad_()).backward()
+
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(3):
+        step()
+    sync()
+    with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(5):
+            step()
+        sync()
+    table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=20)
+    return f"profile of 5 steps of ours: loss={loss} V={vocab} tokens={tokens} dtype={args.dtype}\n{table}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,7 +459,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kd_loss benchmark --static: needs triton with its NVIDIA backend ({exc})", file=sys.stderr)
             return 2
         return 0
-    if not torch.cuda.is_available():
+    if args.device == "cpu":
+        from compress.kernels import interpreter_enabled
+
+        if not interpreter_enabled():
+            print("kd_loss benchmark --device cpu: set TRITON_INTERPRET=1 (the kernels then run on the CPU)",
+                  file=sys.stderr)
+            return 2
+    elif not torch.cuda.is_available():
         print("kd_loss benchmark: no CUDA GPU here (torch.cuda.is_available() is False); it measures GPU "
               "kernels, so nothing was measured. Run it on a machine with an NVIDIA GPU and triton.",
               file=sys.stderr)
@@ -366,11 +483,15 @@ def main(argv: list[str] | None = None) -> int:
     if "liger" in args.impls and liger_module() is None:
         print("note: liger_kernel is not installed; its columns read n/a (`pip install liger-kernel`).",
               file=sys.stderr)
+    if args.profile:
+        print(profile(args))
+        return 0
     rows = []
-    for vocab in args.vocab:
-        for tokens in args.tokens:
-            rows.append(run_case(args, vocab, tokens))
-            print(f"done V={vocab} tokens={tokens}", file=sys.stderr, flush=True)
+    for loss in args.loss:
+        for vocab in args.vocab:
+            for tokens in args.tokens:
+                rows.append(run_case(args, loss, vocab, tokens))
+                print(f"done {loss} V={vocab} tokens={tokens}", file=sys.stderr, flush=True)
     print(render(rows, args))
     if args.json is not None:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
