@@ -43,7 +43,9 @@ class DataConfig(Strict):
 
 class Gates(Strict):
     max_quality_drop: float | None = Field(
-        None, ge=0, description="Largest allowed drop of the main quality metric, teacher minus final student (absolute)."
+        None, ge=0, description="Largest allowed drop of the main quality metric, in its own units (absolute, "
+        "not relative): teacher minus final student for accuracy and retrieval agreement (0.01 = one point), "
+        "final student minus teacher for perplexity."
     )
     max_latency_ms: float | None = Field(None, gt=0, description="Largest allowed p50 latency of the final student on `target`.")
     max_size_mb: float | None = Field(None, gt=0, description="Largest allowed size on disk of the final student ONNX file.")

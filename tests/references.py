@@ -1,6 +1,8 @@
-"""Float64 references of the logit losses, written straight from their definitions (no masking tricks),
-shared by the loss tests and the kernel tests."""
+"""Float64 references of the distillation losses, written straight from their definitions (no masking tricks),
+shared by the loss tests, the kernel tests and the distill-pass wiring tests."""
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -47,3 +49,26 @@ def hand_rows(s: torch.Tensor, teacher: torch.Tensor, name: str, tau: float, **k
     if name == "skew_reverse_kl":
         return kl(q, (1 - kw["alpha"]) * p + kw["alpha"] * q)
     raise AssertionError(name)
+
+
+def relation_kl_float64(qkv_s: list[torch.Tensor], qkv_t: list[torch.Tensor], mask: torch.Tensor,
+                         heads: int) -> float:
+    """MiniLMv2's relation loss written from the paper in float64 with loops: for each of Q, K, V, each
+    relation head a and each valid query i, KL(R_T[a, i] || R_S[a, i]) over the valid keys, where
+    R = softmax(X_a X_a^T / sqrt(d_r)); averaged over heads and valid queries, summed over Q, K, V."""
+    total = 0.0
+    for xs, xt in zip(qkv_s, qkv_t):
+        per_query = []
+        for b in range(xs.shape[0]):
+            valid = [j for j in range(xs.shape[1]) if mask[b, j]]
+            for a in range(heads):
+                def relation(x: torch.Tensor) -> torch.Tensor:
+                    d_r = x.shape[-1] // heads
+                    xa = x[b, valid, a * d_r:(a + 1) * d_r].double()
+                    return torch.softmax(xa @ xa.T / math.sqrt(d_r), dim=-1)
+
+                r_s, r_t = relation(xs), relation(xt)
+                for i in range(len(valid)):
+                    per_query.append(float((r_t[i] * (r_t[i].log() - r_s[i].log())).sum()))
+        total += sum(per_query) / len(per_query)
+    return total

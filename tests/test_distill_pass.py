@@ -109,7 +109,8 @@ def test_distill_feature_extraction_and_causal_lm(tmp_path, bert4_dir, tiny_gpt2
                    {"type": "export"}, {"type": "evaluate", "max_examples": 8}],
     })
     assert code == 0, rep["error"]
-    assert rep["evaluation"]["variants"]["fp32"]["perplexity"] > 1
+    # a 1-layer student of a random LM, after 4 steps, still predicts close to uniformly over the 30522 tokens
+    assert 0.5 * 30522 < rep["evaluation"]["variants"]["fp32"]["perplexity"] < 2 * 30522
 
 
 def test_distill_ddp_two_processes_matches_one(tmp_path, data_dir):

@@ -12,7 +12,7 @@ import yaml
 from compress.distill import losses as L
 from compress.errors import InputError
 from compress.kernels import interpreter_enabled, triton_installed
-from references import LOGIT_FNS, hand_rows
+from references import LOGIT_FNS, hand_rows, relation_kl_float64
 
 def hand_loss(s: torch.Tensor, teacher: torch.Tensor, name: str, tau: float, labels: torch.Tensor | None,
               **kw: float) -> torch.Tensor:
@@ -406,3 +406,55 @@ def test_loss_spec_from_yaml_and_weighted_sum() -> None:
         L.LossSpec.model_validate({"jsd": {"weight": 1.0, "gamma": 2}})
     with pytest.raises(ValueError):
         L.LossSpec.model_validate({"jsd": -1.0})
+
+
+def test_minilm_relation_kl_matches_float64_formula() -> None:
+    """Direction KL(R_T || R_S) and the 1/sqrt(d_r) scaling included: both change the value here."""
+    ids = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(4))
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    # scaled up: the random layers' Q/K/V are small, their relations near uniform and the loss ~1e-3
+    student = [6.0 * x for x in _bert_qkv(32, 4, seed=5, ids=ids, mask=mask)]
+    teacher = [8.0 * x for x in _bert_qkv(48, 6, seed=6, ids=ids, mask=mask)]
+    for heads in (2, 4):
+        got = L.minilm_relation_kl(*student, *teacher, attention_mask=mask, num_relation_heads=heads).item()
+        assert got == pytest.approx(relation_kl_float64(student, teacher, mask, heads), rel=1e-5)
+    # the reverse direction and the unscaled scores are far from it: the check above can tell them apart
+    ref = relation_kl_float64(student, teacher, mask, 4)
+    assert abs(relation_kl_float64(teacher, student, mask, 4) - ref) > 0.05 * ref
+    scaled = [x * math.sqrt(8) ** 0.5 for x in student], [x * math.sqrt(12) ** 0.5 for x in teacher]
+    assert abs(relation_kl_float64(*scaled, mask, 4) - ref) > 0.05 * ref  # scores without 1/sqrt(d_r)
+
+
+def test_hidden_cosine_with_a_mask_matches_a_float64_reference() -> None:
+    torch.manual_seed(7)
+    hs, ht = torch.randn(2, 5, 8), torch.randn(2, 5, 12)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 1, 1]])
+    proj = L.HiddenProjector(8, 12)
+    s, t = proj(hs).detach().double(), ht.double()
+    cos = [float((s[b, i] @ t[b, i]) / (s[b, i].norm() * t[b, i].norm()))
+           for b in range(2) for i in range(5) if mask[b, i]]
+    expect = sum(1 - c for c in cos) / len(cos)
+    assert L.hidden_cosine(hs, ht, proj, attention_mask=mask).item() == pytest.approx(expect, rel=1e-6)
+    # padded tokens hold anything: the loss does not move
+    poked = ht.clone()
+    poked[0, 3:] = -ht[0, 3:] * 50
+    assert L.hidden_cosine(hs, poked, proj, attention_mask=mask).item() == pytest.approx(expect, rel=1e-6)
+    unmasked = sum(1 - float((s[b, i] @ t[b, i]) / (s[b, i].norm() * t[b, i].norm()))
+                   for b in range(2) for i in range(5)) / 10
+    assert L.hidden_cosine(hs, ht, proj).item() == pytest.approx(unmasked, rel=1e-6)
+    assert abs(unmasked - expect) > 1e-3
+
+
+def test_attention_output_mse_on_non_trivial_inputs() -> None:
+    torch.manual_seed(8)
+    o_s, o_t = torch.randn(2, 4, 6) * 3, torch.randn(2, 4, 10)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    proj = L.HiddenProjector(6, 10)
+    s, t = proj(o_s).detach().double(), o_t.double()
+    per_token = [float(((s[b, i] - t[b, i]) ** 2).sum()) / 10 for b in range(2) for i in range(4) if mask[b, i]]
+    expect = sum(per_token) / len(per_token)
+    x = o_s.clone().requires_grad_()
+    got = L.attention_output_mse(x, o_t, mask, proj=proj)
+    assert got.item() == pytest.approx(expect, rel=1e-6)
+    got.backward()
+    assert torch.count_nonzero(x.grad[0, 2:]) == 0 and torch.count_nonzero(x.grad[1, :3]) > 0

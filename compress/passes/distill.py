@@ -86,13 +86,26 @@ class _RefState:
         self.prev = state.get("prev")
 
 
+class _Trace:
+    """Values recorded once per step for the report (TAID's t), checkpointed so a resumed run reports them all."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"values": list(self.values)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.values = list(state.get("values", []))
+
+
 @register
 class Distill(Pass):
     """Distil the teacher into the student: logit, hidden, attention and relation losses; OPTIMA schedule."""
 
     type = "distill"
     Config = DistillConfig
-    version = "1"
+    version = "2"  # 2: TAID's t follows the linear floor to t_end over the pass's steps (was stuck near t_start)
     uses_data = ("train", "eval")
 
     def validate(self, run: Any) -> str | None:
@@ -189,6 +202,7 @@ class Distill(Pass):
                 student(**ref_batch)
                 teacher(**ref_batch)
                 pairs = dynamic_map(sc.hidden_states, tc.hidden_states, projections if len(projections) else None,
+                                    teacher_layers=cfg.mapping.teacher_layers,
                                     attention_mask=ref_batch.get("attention_mask"))
         ctx.metrics["layer_map"] = [list(p) for p in pairs]
 
@@ -342,17 +356,21 @@ class Distill(Pass):
             student.train(was_training)
             return float(value)
 
+        taid_trace = _Trace()
+
         def on_step_end(step: int, out: StepOutput) -> None:
             if taid is not None:
-                taid.update(out.loss)
+                taid_trace.values.append(taid.update(out.loss))
             if cfg.schedule.kind == "optima" and step % sched.interval == 0:
                 new = reference_loss()
                 reward = relative_decrease(ref_state.prev, new) if ref_state.prev is not None else 0.0
                 sched.update(reward)
+                sched.history[-1]["reference_loss"] = new
                 ref_state.prev = new
 
         if cfg.schedule.kind == "optima":
             ref_state.prev = reference_loss()
+            ctx.metrics["reference_loss_start"] = ref_state.prev
 
         def batches(epoch: int) -> Any:  # with a teacher cache every epoch sees the same batches, so they hit
             return task_batches(ctx, "train", pre, batch_size=cfg.batch_size, shuffle=True,
@@ -362,11 +380,15 @@ class Distill(Pass):
         tcfg = TrainConfig(**{**{k: getattr(cfg, k) for k in TrainConfig.model_fields}, "seed": seed})
         extra_state: dict[str, Any] = {"schedule": sched, "reference": ref_state}
         if taid is not None:
-            extra_state["taid"] = taid
+            extra_state.update(taid=taid, taid_trace=taid_trace)
         trainer = Trainer(student, tcfg, loss_fn=loss_fn, train_batches=batches, checkpoint_dir=ctx.work_dir / "ckpt",
                           extra_modules={"projections": projections, "filters": filters}, extra_state=extra_state,
                           progress=ctx.progress, on_step_end=on_step_end, label=ctx.label)
+        if taid is not None:  # the paper's linear floor: t reaches t_end by the last step of the pass
+            taid.total_steps = trainer.total_steps
         result = trainer.train()
+        if taid is not None:
+            ctx.metrics["taid_t"] = list(taid_trace.values)
         if fused:
             ctx.metrics.update(fused_lm_head_steps=fused_calls[0], fused_lm_head_kernel_steps=fused_calls[1])
         if cache is not None:
@@ -374,7 +396,7 @@ class Distill(Pass):
         for rnd in sched.history:
             if rnd.get("reward") is not None:
                 ctx.event("schedule_round", round=rnd["round"], step=rnd["step"], arms=list(rnd["arms"]),
-                          reward=rnd["reward"])
+                          reward=rnd["reward"], reference_loss=rnd.get("reference_loss"))
         ctx.metrics.update(
             steps=result["steps"], final_loss=result["final_loss"], loss_curve=result["loss_curve"],
             train_device=result["device"], autocast=result["autocast"], process_group=result["process_group"],

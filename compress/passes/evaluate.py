@@ -35,7 +35,7 @@ class Evaluate(Pass):
 
     type = "evaluate"
     Config = EvaluateConfig
-    version = "1"
+    version = "2"  # 2: quality_drop of perplexity is absolute (student minus teacher), as documented; was relative
     uses_data = ("eval",)
     uses_target = True
 
@@ -87,7 +87,7 @@ class Evaluate(Pass):
                 scores = _score(task, batches, s_out, t_out)
                 q = scores[metric]
                 tq = teacher_scores[metric]
-                drop = (tq - q) if higher else (q / tq - 1.0)
+                drop = (tq - q) if higher else (q - tq)  # absolute, in the metric's units (config.Gates)
                 stats: dict[str, Any] = {"quality": q, **scores, "quality_drop": drop,
                                          "size_mb": onnx_size_mb(path), "params": student_params}
                 if cfg.latency:

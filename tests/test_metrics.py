@@ -1,0 +1,113 @@
+"""The metrics `evaluate` reports, against independent computations: accuracy and F1 against scikit-learn,
+perplexity against the model's own Hugging Face loss (a `labels=` forward), retrieval agreement and cosine on a
+hand-built case, causal-LM fidelity on hand-picked positions."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+
+from compress.passes.evaluate import _score
+
+
+def _logits_with_argmax(preds: np.ndarray, n_classes: int, seed: int) -> torch.Tensor:
+    """Random logits whose argmax per row is `preds` (not one-hot: the other classes get random values)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(preds), n_classes, generator=g)
+    x[torch.arange(len(preds)), torch.as_tensor(preds)] = x.max() + 1.0 + torch.rand(len(preds), generator=g)
+    return x
+
+
+@pytest.mark.parametrize("task", ["sequence-classification", "image-classification"])
+def test_classification_scores_match_sklearn(task: str) -> None:
+    rng = np.random.default_rng(0)
+    n, k = 45, 3
+    labels = rng.integers(0, k, n)
+    preds = np.where(rng.random(n) < 0.6, labels, rng.integers(0, k, n))  # about 70% right, unbalanced errors
+    tpreds = np.where(rng.random(n) < 0.5, preds, rng.integers(0, k, n))
+    cuts = [0, 16, 32, n]  # three batches of unequal size
+    batches = [{"labels": torch.as_tensor(labels[a:b])} for a, b in zip(cuts, cuts[1:])]
+    s_out = [_logits_with_argmax(preds[a:b], k, seed=a) for a, b in zip(cuts, cuts[1:])]
+    t_out = [_logits_with_argmax(tpreds[a:b], k, seed=100 + a) for a, b in zip(cuts, cuts[1:])]
+    got = _score(task, batches, s_out, t_out)
+    acc, f1, fid = accuracy_score(labels, preds), f1_score(labels, preds, average="macro"), accuracy_score(tpreds, preds)
+    # the three references differ, so a metric computed from the wrong pair of vectors cannot pass
+    assert len({round(acc, 6), round(f1, 6), round(fid, 6), round(accuracy_score(labels, tpreds), 6)}) == 4
+    assert got["accuracy"] == pytest.approx(acc, abs=1e-6)  # float32 mean; one example is 1/45
+    assert got["f1_macro"] == pytest.approx(f1, abs=1e-6)
+    assert got["fidelity"] == pytest.approx(fid, abs=1e-6)
+
+
+def test_retrieval_agreement_and_cosine_on_a_hand_built_case() -> None:
+    # sentence embeddings: the teacher's nearest neighbours are 0<->1 and 2<->3; the student's item 3 moved
+    # next to item 1, so its nearest neighbour changes (3 -> 1) and the agreement is 3 of 4
+    teacher = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    student = np.array([[1.0, 0.0], [0.95, 0.05], [0.0, 1.0], [0.7, 0.3]])
+
+    def tokens(emb: np.ndarray) -> torch.Tensor:
+        """[B, 3, D]: two valid tokens equal to the embedding (their mean) and a padded one holding junk."""
+        out = np.repeat(emb[:, None, :], 3, axis=1)
+        out[:, 2, :] = 1000.0
+        return torch.tensor(out, dtype=torch.float32)
+
+    mask = torch.tensor([[1, 1, 0]] * 4)
+    batches = [{"attention_mask": mask[:2]}, {"attention_mask": mask[2:]}]
+    s, t = tokens(student), tokens(teacher)
+    got = _score("feature-extraction", batches, [s[:2], s[2:]], [t[:2], t[2:]])
+    assert got["retrieval_agreement"] == pytest.approx(0.75)
+    cos = (student * teacher).sum(1) / np.linalg.norm(student, axis=1) / np.linalg.norm(teacher, axis=1)
+    assert got["cosine"] == pytest.approx(float(cos.mean()), rel=1e-6)
+    assert got["fidelity"] == got["cosine"]
+    same = _score("feature-extraction", batches, [t[:2], t[2:]], [t[:2], t[2:]])
+    assert same["retrieval_agreement"] == 1.0 and same["cosine"] == pytest.approx(1.0)
+
+
+def test_perplexity_is_the_exponent_of_the_models_own_loss(tiny_gpt2_dir) -> None:
+    """exp(token-weighted mean of the HF loss with labels=) over two padded batches: the shift of the labels,
+    the ignored padding and the weighting of batches of different token counts all have to be right."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compress.data import collate
+    from compress.data.sources import Records
+    from tests.conftest import sentiment_rows
+
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+    texts = [r["text"] for r in sentiment_rows(7)]
+    texts[1] = "short"
+    texts[5] = "a somewhat longer sentence than the others in this little batch of words"
+    records = Records(texts=texts, text_pairs=None, labels=None, images=None, fingerprint="")
+    batches = list(collate.causal_lm_batches(records, tok, batch_size=4, max_length=24))
+    assert len(batches) == 2 and any((b["attention_mask"] == 0).any() for b in batches)
+    nll, count, outs = 0.0, 0, []
+    with torch.no_grad():
+        for b in batches:
+            out = model(**b)  # labels= : HF shifts them and ignores -100
+            n = int((b["labels"][:, 1:] != -100).sum())
+            nll += float(out.loss) * n
+            count += n
+            outs.append(out.logits)
+    got = _score("causal-lm", batches, outs, outs)
+    assert got["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert got["fidelity"] == 1.0
+
+
+def test_causal_lm_fidelity_counts_the_predicted_positions() -> None:
+    """Position t predicts token t+1: the last real token (whose next token is padding) is not scored."""
+    v = 5
+    labels = torch.tensor([[2, 4, 1, -100]])
+    s_pred, t_pred = [1, 2, 3, 0], [1, 0, 3, 0]  # agree at positions 0 and 2, differ at 1
+
+    def logits(pred: list[int]) -> torch.Tensor:
+        x = torch.zeros(1, 4, v)
+        x[0, torch.arange(4), torch.tensor(pred)] = 5.0
+        return x
+
+    got = _score("causal-lm", [{"labels": labels}], [logits(s_pred)], [logits(t_pred)])
+    assert got["fidelity"] == pytest.approx(1 / 2)  # scored positions 0 and 1 (labels[1], labels[2])
+    # perplexity of these logits on tokens 4 and 1, by hand
+    lp = torch.log_softmax(logits(s_pred)[0], -1)
+    assert got["perplexity"] == pytest.approx(math.exp(-(lp[0, 4] + lp[1, 1]).item() / 2), rel=1e-6)
