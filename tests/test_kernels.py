@@ -40,10 +40,10 @@ if os.environ.get(_CHILD) != "1":
 import json, sys
 try:
     import triton.backends.nvidia  # noqa: F401
-    from compress.kernels.aot import kernel_usage
 except Exception as exc:
     print("no nvidia backend:", exc)
     sys.exit(3)
+from compress.kernels.aot import kernel_usage  # an import error here is a failure, not a skip
 from compress.kernels import KERNEL_KINDS
 from compress.kernels.kd_loss import MAX_BLOCK_GPU, default_num_warps
 

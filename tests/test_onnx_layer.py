@@ -401,8 +401,7 @@ def test_atomic_write_leaves_nothing_on_error(tmp_path: Path) -> None:
     assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))
 
 
-# ------------------------------------------------------------------------------- other families (slow)
-@pytest.mark.slow
+# ------------------------------------------------------------------------------- other families
 @pytest.mark.parametrize("family", ["roberta", "distilbert", "llama"])
 def test_other_families_export_with_parity(family: str, tmp_path: Path) -> None:
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from compress.cli import main
@@ -42,6 +43,11 @@ def test_causal_lm(tmp_path, tiny_gpt2_dir):
     # quality_drop is absolute for perplexity too (config.Gates): student minus teacher, in perplexity points
     assert int8["quality_drop"] == int8["perplexity"] - teacher_ppl
     assert rep["gates"][0]["value"] == int8["quality_drop"] and rep["gates"][0]["passed"] is True
+    # and the gate fails below the measured drop (passes from the cache: exit 3, the gate named)
+    tight = int8["quality_drop"] / 2
+    assert main(["run", str(tmp_path / "model.yaml"), "-q", "--set", f"gates.max_quality_drop={tight!r}"]) == 3
+    gate = json.loads((tmp_path / "out" / "report.json").read_text())["gates"][0]
+    assert gate["name"] == "max_quality_drop" and gate["passed"] is False
 
 
 def test_image_classification_digits(tmp_path, tiny_vit_dir):
@@ -83,4 +89,11 @@ def test_feature_extraction(tmp_path, tiny_bert_dir):
     for variant in ("int8-dynamic", "int8-static"):  # int8 keeps the embeddings of a tiny BERT to > 0.9999
         assert 0.999 < ev["variants"][variant]["cosine"] <= 1.0 + 1e-6, variant
         assert ev["variants"][variant]["retrieval_agreement"] == 1.0, variant
+    # the min_fidelity gate fails when the shipped int8 model is one whose cosine is below the limit
+    static = ev["variants"]["int8-static"]["fidelity"]
+    assert static < 0.99999
+    path = tmp_path / "model.yaml"
+    assert main(["run", str(path), "-q", "--set", "passes.1.primary=static", "--set", "gates.min_fidelity=0.99999"]) == 3
+    gate = json.loads((tmp_path / "out" / "report.json").read_text())["gates"][0]
+    assert gate["name"] == "min_fidelity" and gate["passed"] is False and gate["value"] == pytest.approx(static)
     assert rep["gates"][0]["passed"] is True
