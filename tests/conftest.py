@@ -36,6 +36,18 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def save_tiny_bert(folder: Path, layers: int, seed: int, **config) -> Path:
+    """A tiny random BertModel (hidden 32, 4 heads, `layers` layers, `config` on top) with the MiniLM tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    BertModel(BertConfig(**{"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": layers,
+                            "num_attention_heads": 4, "intermediate_size": 64, "max_position_embeddings": 64,
+                            **config})).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random BertModel (hidden 32, 2 layers) with the real MiniLM tokenizer, as an HF folder."""
@@ -50,14 +62,18 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def sentiment_files(d: Path, train: int = 96, eval: int = 32, calib: int = 16) -> Path:
+    """train.jsonl, eval.jsonl and calib.jsonl of `sentiment_rows` (seeds 1, 2, 3) in a new folder `d`."""
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", sentiment_rows(train, seed=1))
+    write_jsonl(d / "eval.jsonl", sentiment_rows(eval, seed=2))
+    write_jsonl(d / "calib.jsonl", sentiment_rows(calib, seed=3))
+    return d
+
+
 @pytest.fixture()
 def data_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "data"
-    d.mkdir()
-    write_jsonl(d / "train.jsonl", sentiment_rows(96, seed=1))
-    write_jsonl(d / "eval.jsonl", sentiment_rows(32, seed=2))
-    write_jsonl(d / "calib.jsonl", sentiment_rows(16, seed=3))
-    return d
+    return sentiment_files(tmp_path / "data")
 
 
 def make_config(tmp_path: Path, model_dir: Path, data_dir: Path, passes: list[dict] | None = None, **extra) -> Path:

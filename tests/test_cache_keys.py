@@ -3,6 +3,7 @@ files (same path) or of one pass's config reruns exactly the passes from the fir
 unchanged rerun hits every pass. The passes are small real passes that declare the data splits they read."""
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -114,6 +115,8 @@ def test_python_teacher_module_contents_invalidate(tmp_path, data_dir, steps, mo
     out = tmp_path / "out"
     assert main(["run", str(cfg), "-q"]) == 0 and _statuses(out) == {"a": "ran", "b": "ran"}
     assert main(["run", str(cfg), "-q"]) == 0 and _statuses(out) == {"a": "cached", "b": "cached"}
-    (pkg / "wiring_teacher.py").write_text(src.format(n=3))
+    (pkg / "wiring_teacher.py").write_text(src.format(n=30))  # another size: no stale bytecode in the same second
+    shutil.rmtree(pkg / "__pycache__", ignore_errors=True)
     sys.modules.pop("wiring_teacher", None)
+    importlib.invalidate_caches()
     assert main(["run", str(cfg), "-q"]) == 0 and _statuses(out) == {"a": "ran", "b": "ran"}

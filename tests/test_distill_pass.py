@@ -10,19 +10,12 @@ import torch
 import yaml
 
 from compress.cli import main
-from tests.conftest import minilm_path, sentiment_rows, write_jsonl
+from tests.conftest import minilm_path, save_tiny_bert, sentiment_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def bert4_dir(tmp_path_factory) -> Path:
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    torch.manual_seed(1)
-    folder = tmp_path_factory.mktemp("bert4")
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("bert4"), 4, seed=1)
 
 
 def _run(tmp_path: Path, cfg: dict, *extra: str) -> tuple[int, dict]:

@@ -21,7 +21,7 @@ from compress.artifact import Artifact
 from compress.cli import main
 from compress.distill import losses as L
 from references import hand_rows, relation_kl_float64
-from tests.conftest import minilm_path, sentiment_rows, write_jsonl
+from tests.conftest import minilm_path, save_tiny_bert, sentiment_rows, write_jsonl
 
 TAU = 2.0
 N_TRAIN, N_EVAL = 24, 12
@@ -42,15 +42,8 @@ def wiring_data(tmp_path_factory) -> Path:
 def bert4(tmp_path_factory) -> Path:
     """A dropout-free 4-layer tiny BERT with the MiniLM tokenizer; large initial weights (initializer_range
     0.5, the task head too), so that its logits differ from row to row and from its students' by O(1)."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    torch.manual_seed(11)
-    folder = tmp_path_factory.mktemp("bert4-nodrop")
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                         attention_probs_dropout_prob=0.0, initializer_range=0.5)).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("bert4-nodrop"), 4, seed=11, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0, initializer_range=0.5)
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,10 @@ def _one_line(err: str) -> str:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_bert_dir):
     """export -> ptq (dynamic) -> evaluate on the tiny BERT; the gate tests rerun it from the cache."""
-    from tests.conftest import sentiment_rows, write_jsonl
+    from tests.conftest import sentiment_files
 
     tmp = tmp_path_factory.mktemp("gates")
-    d = tmp / "data"
-    d.mkdir()
-    write_jsonl(d / "train.jsonl", sentiment_rows(32, seed=1))
-    write_jsonl(d / "eval.jsonl", sentiment_rows(16, seed=2))
-    write_jsonl(d / "calib.jsonl", sentiment_rows(8, seed=3))
+    d = sentiment_files(tmp / "data", train=32, eval=16, calib=8)
     cfg = make_config(tmp, tiny_bert_dir, d, passes=[
         {"type": "export"}, {"type": "ptq", "methods": ["dynamic", "static"]}, {"type": "evaluate"}])
     assert main(["run", str(cfg), "-q"]) == 0

@@ -28,14 +28,10 @@ def _statuses(out: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, tiny_bert_dir):
     """One full finetune -> export -> ptq -> evaluate run, shared by the tests that read its outputs."""
-    from tests.conftest import sentiment_rows, write_jsonl
+    from tests.conftest import sentiment_files
 
     tmp = tmp_path_factory.mktemp("full")
-    d = tmp / "data"
-    d.mkdir()
-    write_jsonl(d / "train.jsonl", sentiment_rows(96, seed=1))
-    write_jsonl(d / "eval.jsonl", sentiment_rows(32, seed=2))
-    write_jsonl(d / "calib.jsonl", sentiment_rows(16, seed=3))
+    d = sentiment_files(tmp / "data")
     cfg = make_config(tmp, tiny_bert_dir, d, gates={"max_quality_drop": 1.0, "max_size_mb": 100})
     code = main(["run", str(cfg), "-q"])
     return cfg, tmp / "out", code
