@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q -c constraints.txt
 CONFIG ?= configs/minilm-sentiment.yaml
 
-.PHONY: demo test test-slow install-demo install-test gpu-wheels clean
+.PHONY: demo test test-slow install-demo install-test install-mutation mutation gpu-wheels clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,13 @@ $(VENV)/.test-installed: $(VENV)/.demo-installed
 	$(PIP) -e ".[test]"
 	touch $@
 
+$(VENV)/.mutation-installed: $(VENV)/.test-installed
+	$(PIP) -e ".[test,mutation]"
+	touch $@
+
 install-demo: $(VENV)/.demo-installed
 install-test: $(VENV)/.test-installed
+install-mutation: $(VENV)/.mutation-installed
 
 demo: install-demo
 	$(VENV)/bin/compress run $(CONFIG)
@@ -33,6 +38,15 @@ test: install-test
 
 test-slow: install-test
 	$(PY) -m pytest -q -m slow
+
+# Mutation testing (docs/testing.md), on demand, not in CI. mutmut copies the tree to mutants/ and, per mutant,
+# runs the tests of [tool.mutmut] in pyproject.toml that reach the mutated function. One module at a time:
+# `make mutation MUTANTS='compress.distill.schedule.*'`. The pipeline is scoped to its cache-key code.
+MUTANTS ?= compress.distill.losses.* compress.passes.evaluate.* compress.distill.schedule.* \
+	compress.pipeline.x__hash_path* compress.pipeline.xǁPipelineǁ_step* compress.pipeline.xǁPipelineǁ_load_teacher*
+mutation: install-mutation
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run $(foreach m,$(MUTANTS),'$(m)')  # one thread: torch's pool deadlocks in forked children
+	$(VENV)/bin/mutmut results
 
 # What the lent GPU machine lacks (its image has torch, triton, transformers and numpy but no pydantic, optimum
 # nor Liger, and it reaches no registry): wheels for its Python 3.12 and the MiniLM tokenizer files (for

@@ -443,6 +443,10 @@ def test_hidden_cosine_with_a_mask_matches_a_float64_reference() -> None:
                    for b in range(2) for i in range(5)) / 10
     assert L.hidden_cosine(hs, ht, proj).item() == pytest.approx(unmasked, rel=1e-6)
     assert abs(unmasked - expect) > 1e-3
+    one = torch.zeros(2, 5, dtype=torch.long)
+    one[1, 2] = 1  # a single valid token: its own loss, not a fraction of it
+    single = 1 - float((s[1, 2] @ t[1, 2]) / (s[1, 2].norm() * t[1, 2].norm()))
+    assert L.hidden_cosine(hs, ht, proj, attention_mask=one).item() == pytest.approx(single, rel=1e-6)
 
 
 def test_attention_output_mse_on_non_trivial_inputs() -> None:

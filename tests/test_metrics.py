@@ -55,7 +55,9 @@ def test_retrieval_agreement_and_cosine_on_a_hand_built_case() -> None:
 
     mask = torch.tensor([[1, 1, 0]] * 4)
     batches = [{"attention_mask": mask[:2]}, {"attention_mask": mask[2:]}]
-    s, t = tokens(student), tokens(teacher)
+    # rows scaled differently: cosine and nearest neighbours do not change, a normalisation over the wrong
+    # dimension (or none) would
+    s, t = tokens(student * np.array([[1.0], [3.0], [0.5], [10.0]])), tokens(teacher * np.array([[2.0], [1.0], [7.0], [1.0]]))
     got = _score("feature-extraction", batches, [s[:2], s[2:]], [t[:2], t[2:]])
     assert got["retrieval_agreement"] == pytest.approx(0.75)
     cos = (student * teacher).sum(1) / np.linalg.norm(student, axis=1) / np.linalg.norm(teacher, axis=1)
@@ -63,6 +65,8 @@ def test_retrieval_agreement_and_cosine_on_a_hand_built_case() -> None:
     assert got["fidelity"] == got["cosine"]
     same = _score("feature-extraction", batches, [t[:2], t[2:]], [t[:2], t[2:]])
     assert same["retrieval_agreement"] == 1.0 and same["cosine"] == pytest.approx(1.0)
+    one = _score("feature-extraction", batches[:1], [s[:1]], [t[:1]])  # a single item has no neighbour
+    assert one["retrieval_agreement"] == 1.0
 
 
 def test_perplexity_is_the_exponent_of_the_models_own_loss(tiny_gpt2_dir) -> None:
@@ -111,3 +115,6 @@ def test_causal_lm_fidelity_counts_the_predicted_positions() -> None:
     # perplexity of these logits on tokens 4 and 1, by hand
     lp = torch.log_softmax(logits(s_pred)[0], -1)
     assert got["perplexity"] == pytest.approx(math.exp(-(lp[0, 4] + lp[1, 1]).item() / 2), rel=1e-6)
+    # one scored position: no floor on the count other than 1
+    one = _score("causal-lm", [{"labels": torch.tensor([[2, 1, -100, -100]])}], [logits(s_pred)], [logits(t_pred)])
+    assert one["fidelity"] == 1.0 and one["perplexity"] == pytest.approx(math.exp(-lp[0, 1].item()), rel=1e-6)
