@@ -405,6 +405,8 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path: Path)
     got = state(student, proj)
     assert all(torch.equal(got[k], expected[k]) for k in expected), max_diff(got, expected)
     assert resumed["loss_curve"] == straight["loss_curve"] and resumed["lr_curve"] == straight["lr_curve"]
+    assert resumed["term_curves"] == straight["term_curves"] and sorted(straight["term_curves"]) == ["hidden", "kd"]
+    assert all(len(c) == 7 and None not in c for c in straight["term_curves"].values())
     # one complete checkpoint of the end, nothing temporary left
     assert [p.name for p in (tmp_path / "broken").iterdir()] == ["step-00000007"]
 

@@ -179,7 +179,7 @@ class Distill(Pass):
                           reward=rnd["reward"], reference_loss=rnd.get("reference_loss"))
         ctx.metrics.update(
             steps=result["steps"], final_loss=result["final_loss"], loss_curve=result["loss_curve"],
-            train_device=result["device"], autocast=result["autocast"], process_group=result["process_group"],
+            term_curves=result["term_curves"], train_device=result["device"], autocast=result["autocast"], process_group=result["process_group"],
             resumed_from=result.get("resumed_from"), student_layers=num_layers,
             student_params=sum(p.numel() for p in student.parameters()),
             teacher_params=sum(p.numel() for p in teacher.parameters()),

@@ -272,6 +272,7 @@ class Trainer:
         self.step = 0
         self.loss_curve: list[float] = []
         self.lr_curve: list[float] = []
+        self.term_curves: dict[str, list[float | None]] = {}  # per term, its value at each step (None: absent)
         self.epoch = 0
         self.batch_in_epoch = 0  # batches of `epoch` consumed so far
         self.resumed_from: int | None = None
@@ -384,6 +385,7 @@ class Trainer:
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
         self.loss_curve = list(state["loss_curve"])
         self.lr_curve = list(state["lr_curve"])
+        self.term_curves = {k: list(v) for k, v in state.get("term_curves", {}).items()}
         self._rng_to_restore = state["rng"]
         self.resumed_from = self.step
         log.info("%s: resuming from step %d/%d (%s)", self.label, self.step, self.total_steps, path)
@@ -407,6 +409,7 @@ class Trainer:
             "rng": _rng_state(),
             "loss_curve": list(self.loss_curve),
             "lr_curve": list(self.lr_curve),
+            "term_curves": {k: list(v) for k, v in self.term_curves.items()},
             "config": self.cfg.model_dump(mode="json"),
         }
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.checkpoint_dir))
@@ -476,7 +479,8 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- training
 
     def train(self) -> dict[str, Any]:
-        """Run (or finish) the training. Returns steps, final_loss, loss_curve, lr_curve and resumed_from."""
+        """Run (or finish) the training. Returns steps, final_loss, loss_curve, lr_curve, term_curves (each
+        term's value per step, averaged like the loss; None where a step had no such term) and resumed_from."""
         cfg = self.cfg
         if self.step >= self.total_steps:
             log.info("%s: already trained (%d steps)", self.label, self.step)
@@ -529,6 +533,10 @@ class Trainer:
                 self.step = step
                 self.loss_curve.append(loss)
                 self.lr_curve.append(lr)
+                for k in terms.keys() - self.term_curves.keys():
+                    self.term_curves[k] = [None] * (step - 1)
+                for k, curve in self.term_curves.items():
+                    curve.append(terms.get(k))
                 if self.is_main and (step % cfg.log_every == 0 or step == self.total_steps or step == 1):
                     log.info("%s: step %d/%d loss %.4g %s lr %.3g%s", self.label, step, self.total_steps, loss,
                              _fmt_terms(terms), lr, f" grad_norm {grad_norm:.3g}" if grad_norm is not None else "")
@@ -556,6 +564,7 @@ class Trainer:
             "final_loss": self.loss_curve[-1] if self.loss_curve else None,
             "loss_curve": list(self.loss_curve),
             "lr_curve": list(self.lr_curve),
+            "term_curves": {k: list(v) for k, v in self.term_curves.items()},
             "resumed_from": self.resumed_from,
             "device": str(self.device),
             "autocast": "bf16" if self.cfg.bf16 and self.device.type == "cuda" else None,
