@@ -94,11 +94,11 @@ def test_layers_switch_the_layer_losses_of_other_student_layers_off():
         t = teacher(**b, output_hidden_states=True)
     only_1 = L.hidden_mse(s.hidden_states[1], t.hidden_states[2], obj.projections["1"],
                           attention_mask=b["attention_mask"])
-    assert float(first.terms["hidden"]) == pytest.approx(float(only_1), rel=1e-5)
-    assert float(both.terms["hidden"]) != pytest.approx(float(only_1), rel=1e-3)
-    assert float(first.terms["logit"]) == float(both.terms["logit"])  # the logit loss is always on
+    assert first.floats()["hidden"] == pytest.approx(float(only_1.detach()), rel=1e-5)
+    assert both.floats()["hidden"] != pytest.approx(float(only_1.detach()), rel=1e-3)
+    assert first.floats()["logit"] == both.floats()["logit"]  # the logit loss is always on
     # the reference loss (eval mode, logit loss only) does not depend on the active layers
-    assert obj.reference_loss(b) == pytest.approx(float(both.terms["logit"]), rel=1e-6)
+    assert obj.reference_loss(b) == pytest.approx(both.floats()["logit"], rel=1e-6)
 
 
 def test_causal_lm_scores_next_token_positions_and_the_fused_head_agrees():
@@ -113,14 +113,14 @@ def test_causal_lm_scores_next_token_positions_and_the_fused_head_agrees():
         t = teacher(**{k: v for k, v in b.items() if k != "labels"}).logits
     shifted = L.jsd(s[:, :-1].reshape(-1, VOCAB), t[:, :-1].reshape(-1, VOCAB), beta=0.3, temperature=2.0,
                     labels=b["labels"][:, 1:].reshape(-1))
-    assert float(plain.terms["logit"]) == pytest.approx(float(shifted), rel=1e-5)
+    assert plain.floats()["logit"] == pytest.approx(float(shifted), rel=1e-5)
     unshifted = L.jsd(s.reshape(-1, VOCAB), t.reshape(-1, VOCAB), beta=0.3, temperature=2.0,
                       labels=b["labels"].reshape(-1))
-    assert float(plain.terms["logit"]) != pytest.approx(float(unshifted), rel=1e-3)
+    assert plain.floats()["logit"] != pytest.approx(float(unshifted), rel=1e-3)
 
     fused_obj = DistillObjective(student, teacher, cfg.model_copy(update={"fused_lm_head": True}), task="causal-lm")
     fused = fused_obj(b)
-    assert float(fused.terms["logit"]) == pytest.approx(float(plain.terms["logit"]), rel=1e-5)
+    assert fused.floats()["logit"] == pytest.approx(plain.floats()["logit"], rel=1e-5)
     assert fused_obj.fused_steps == 1
 
 
@@ -134,7 +134,7 @@ def test_taid_term_uses_the_current_t():
     for t_now in (0.4, 0.9):
         obj.taid.t = t_now
         expect = L.taid(s, t, t=t_now, temperature=2.0)
-        assert float(obj(b).terms["logit"]) == pytest.approx(float(expect), rel=1e-5)
+        assert obj(b).floats()["logit"] == pytest.approx(float(expect), rel=1e-5)
 
 
 def test_teacher_cache_serves_the_second_call(tmp_path):
