@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.distill.trainer import StepOutput, TrainConfig, Trainer, distributed_env, prepare_teacher
+from compress.distill.teacher import prepare_teacher
+from compress.train.distributed import distributed_env
+from compress.train.trainer import StepOutput, TrainConfig, Trainer
 
 VOCAB = 100
 # uneven global batches: 7 and 5 rows do not split evenly over 2 processes

@@ -37,6 +37,15 @@ def _cls_config(model_dir: Path, data: Path, distill: dict) -> dict:
     }
 
 
+def _distill_alone(tmp_path: Path, model_dir: Path, data: Path, distill: dict) -> dict:
+    """Run the distill pass alone on the classification data; its metrics."""
+    cfg = _cls_config(model_dir, data, distill)
+    cfg["passes"] = [cfg["passes"][1]]
+    code, rep = _run(tmp_path, cfg)
+    assert code == 0, rep["error"]
+    return rep["passes"][0]["metrics"]
+
+
 def test_distill_all_losses_optima(tmp_path, bert4_dir, data_dir):
     distill = {"student_layers": 2, "steps": 8, "batch_size": 16, "lr": 1e-3, "checkpoint_every": 3,
                "weights": {"logit": 1.0, "ce": 0.5, "hidden": 1.0, "attention": 0.5, "attention_output": 0.5,
@@ -78,6 +87,45 @@ def test_distill_logit_losses(tmp_path, tiny_bert_dir, data_dir, loss):
     assert code == 0, rep["error"]
     curve = rep["passes"][1]["metrics"]["loss_curve"]
     assert len(curve) == 3 and all(0 <= v < 10 for v in curve)
+
+
+def test_taid_adapts_from_the_logit_term_not_the_total(tmp_path, tiny_bert_dir, data_dir):
+    """With hidden and CE terms on, TAID's t replays exactly from the logit term's curve (the paper's
+    distillation loss); the hook hands TAID the logit term, not the total loss."""
+    from compress.distill.losses import TAID
+
+    distill = {"student_layers": 1, "steps": 5, "batch_size": 16, "lr": 1e-3, "logit_loss": "taid",
+               "weights": {"logit": 1.0, "hidden": 1.0, "ce": 0.5}}
+    m = _distill_alone(tmp_path, tiny_bert_dir, data_dir, distill)
+    assert sorted(m["term_curves"]) == ["ce", "hidden", "logit"]
+    logit = m["term_curves"]["logit"]
+    total = [v + m["term_curves"]["hidden"][i] + 0.5 * m["term_curves"]["ce"][i] for i, v in enumerate(logit)]
+    assert total == pytest.approx(m["loss_curve"], rel=1e-6)
+    from_logit = TAID(total_steps=5)
+    assert m["taid_t"] == [from_logit.step(v) for v in logit]
+    assert m["taid_t"][-1] == pytest.approx(1.0) and m["taid_t"][0] > 0.4
+    # over 5 steps the linear floor sets t whatever the loss; TAID's own state shows which loss it read
+    from compress.distill.objective import DistillObjective, ObjectiveConfig
+    from compress.distill.schedule import ScheduleConfig, make_scheduler
+    from compress.distill.teacher import prepare_teacher
+    from compress.passes.distill import _DistillHook
+    from compress.search.inherit import student_from_teacher
+    from compress.train.trainer import StepOutput
+    from transformers import AutoModelForSequenceClassification
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    student = student_from_teacher(teacher, 1)[0]
+    objective = DistillObjective(student, prepare_teacher(teacher), ObjectiveConfig(logit_loss="taid"),
+                                 task="sequence-classification")
+    hook = _DistillHook(objective, make_scheduler(ScheduleConfig(kind="uniform", modules=1), 1), None, optima=False)
+    for step, (logit_term, loss) in enumerate([(0.8, 5.0), (0.4, 4.9)], start=1):
+        hook.on_step_end(step, StepOutput(loss=torch.tensor(loss),
+                                          terms={"logit": logit_term, "hidden": loss - logit_term}))
+    replay = TAID()
+    assert hook.taid_t == [replay.step(0.8), replay.step(0.4)]
+    assert objective.taid.state_dict() == replay.state_dict()
+    # the relative decrease of the logit term (0.8 -> 0.4: 0.5), not of the total (5.0 -> 4.9: 0.02)
+    assert objective.taid.prev_loss == 0.4 and objective.taid.m == pytest.approx(0.01 * 0.5, rel=1e-6)
 
 
 def test_distill_feature_extraction_and_causal_lm(tmp_path, bert4_dir, tiny_gpt2_dir):
@@ -144,11 +192,7 @@ def test_distill_teacher_cache_ted_and_8bit_teacher(tmp_path, tiny_bert_dir, dat
     distill = {"student_layers": 1, "epochs": 2, "batch_size": 32, "lr": 1e-3, "teacher_cache": True,
                "hidden_loss": "ted", "teacher_quantization": "8bit",
                "weights": {"logit": 1.0, "hidden": 1.0, "attention": 0.5}}
-    cfg = _cls_config(tiny_bert_dir, data_dir, distill)
-    cfg["passes"] = [cfg["passes"][1]]
-    code, rep = _run(tmp_path, cfg)
-    assert code == 0, rep["error"]
-    m = rep["passes"][0]["metrics"]
+    m = _distill_alone(tmp_path, tiny_bert_dir, data_dir, distill)
     assert m["steps"] == 6  # 96 rows / 32 = 3 batches an epoch
     assert m["teacher_cache_misses"] == 3 and m["teacher_cache_hits"] == 3
     assert all(v == v and v < 50 for v in m["loss_curve"])
@@ -158,12 +202,8 @@ def test_explicit_seed_is_honoured(tmp_path, tiny_bert_dir, data_dir):
     curves = {}
     for name, extra in (("default", {}), ("seed7", {"seed": 7}), ("seed7-again", {"seed": 7})):
         distill = {"student_layers": 1, "steps": 3, "batch_size": 16, "lr": 1e-3, **extra}
-        cfg = _cls_config(tiny_bert_dir, data_dir, distill)
-        cfg["passes"] = [cfg["passes"][1]]
         (tmp_path / name).mkdir()
-        code, rep = _run(tmp_path / name, cfg)
-        assert code == 0, rep["error"]
-        curves[name] = rep["passes"][0]["metrics"]["loss_curve"]
+        curves[name] = _distill_alone(tmp_path / name, tiny_bert_dir, data_dir, distill)["loss_curve"]
     assert curves["seed7"] == curves["seed7-again"]
     assert curves["seed7"] != curves["default"]
 

@@ -1,5 +1,6 @@
-"""The generic trainer (compress/distill/trainer.py): optimisation, resume, NaN errors, teacher preparation,
-teacher cache and data-parallel training under torchrun."""
+"""The one trainer (compress/train/): optimisation, extra parameter groups (gradient ascent included) and step
+hooks, resume, NaN errors, teacher preparation and teacher cache (compress/distill/teacher.py) and
+data-parallel training under torchrun."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,14 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.distill.trainer import (
-    StepOutput,
-    TeacherCache,
-    TrainConfig,
-    Trainer,
-    launch_distributed,
-    prepare_teacher,
-)
+from compress.distill.teacher import TeacherCache, TeacherConfig, prepare_teacher
+from compress.train.distributed import launch_distributed
+from compress.train.trainer import ParamGroup, StepHook, StepOutput, TrainConfig, Trainer
 from compress.errors import InputError, PassFailed
 
 WORKER_PATH = Path(__file__).parent / "ddp_worker.py"
@@ -55,6 +51,16 @@ def regression_batches(n_batches: int = 2, rows: int = 8):
 def mse_loss(model: nn.Module, batch: dict, step: int) -> StepOutput:
     loss = F.mse_loss(model(batch["x"]), batch["y"])
     return StepOutput(loss=loss, terms={"mse": float(loss.detach())})
+
+
+class AfterStep(StepHook):
+    """A hook that calls `fn(step, out)` after each optimizer step."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def on_step_end(self, step, out):
+        self.fn(step, out)
 
 
 def state(*modules: nn.Module) -> dict[str, torch.Tensor]:
@@ -191,12 +197,135 @@ def test_nan_loss_names_the_step_and_the_term():
 
     cfg = TrainConfig(steps=10, lr=1e-2)
     trainer = Trainer(model, cfg, loss_fn=loss_fn, train_batches=regression_batches(), checkpoint_dir=None,
-                      on_step_end=on_step_end)
+                      hooks=[AfterStep(on_step_end)], label="distill")
     with pytest.raises(PassFailed) as err:
         trainer.train()
     assert str(err.value) == "pass 'distill' failed: loss became nan at step 3 (terms: kd=nan, hidden=0.41)"
     assert err.value.pass_name == "distill" and err.value.exit_code == 1
     assert max_diff(state(model), after_step_2) == 0.0  # the NaN step changed nothing
+
+
+# ------------------------------------------------------------------------------------------------ groups, hooks
+
+
+class Multiplier(nn.Module):
+    """A Lagrange multiplier: the constraint term `lam * violation` is maximised over lam."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lam = nn.Parameter(torch.zeros(()))
+
+
+def constrained(violation: float = 0.5):
+    """Student w (1 weight) fits y = 2x; the constraint term lam * (violation + w^2) pushes w to 0 once lam > 0."""
+    student = nn.Linear(1, 1, bias=False)
+    nn.init.constant_(student.weight, 1.0)
+    mult = Multiplier()
+    x = torch.linspace(-1, 1, 8)[:, None]
+
+    def loss_fn(m, batch, step):
+        fit = F.mse_loss(m(batch["x"]), 2 * batch["x"])
+        c = violation + m.weight.pow(2).sum()
+        return StepOutput(loss=fit + mult.lam * c, terms={"fit": float(fit.detach()), "c": float(c.detach())})
+
+    return student, mult, loss_fn, (lambda epoch: [{"x": x}])
+
+
+@pytest.mark.parametrize("ascent", [True, False])
+def test_an_ascent_group_maximises_the_loss_with_its_own_lr(ascent: bool):
+    student, mult, loss_fn, batches = constrained()
+    cfg = TrainConfig(steps=3, lr=0.01, warmup_ratio=0.0, scheduler="constant", weight_decay=0.0)
+    lams, ws = [], []
+
+    def record(step, out):
+        lams.append(float(mult.lam.detach()))
+        ws.append(float(student.weight.detach()))
+
+    trainer = Trainer(student, cfg, loss_fn=loss_fn, train_batches=batches, checkpoint_dir=None,
+                      param_groups=[ParamGroup("lagrangian", mult, lr=0.1, ascent=ascent)], hooks=[AfterStep(record)])
+    trainer.train()
+    # d loss / d lam = violation + w^2 > 0: ascent raises lam by lr = 0.1 per Adam step, descent lowers it
+    sign = 1.0 if ascent else -1.0
+    assert lams == pytest.approx([sign * 0.1, sign * 0.2, sign * 0.3], abs=2e-3)
+    # the student descends with the trainer's lr: at the first step lam = 0 and the fit pulls w from 1 towards 2
+    assert ws[0] == pytest.approx(1.01, abs=1e-4)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [0.01, 0.1]
+
+
+def test_group_settings_schedule_and_errors():
+    student, mult, loss_fn, batches = constrained()
+    cfg = TrainConfig(steps=4, lr=0.01, warmup_ratio=0.5, scheduler="linear")
+    trainer = Trainer(student, cfg, loss_fn=loss_fn, train_batches=batches, checkpoint_dir=None,
+                      param_groups=[ParamGroup("lagrangian", mult, lr=0.1, schedule=False, weight_decay=0.3)])
+    student_lr, group_lr = [], []
+    trainer.hooks.append(AfterStep(lambda step, out: (student_lr.append(trainer.optimizer.param_groups[0]["lr"]),
+                                                      group_lr.append(trainer.optimizer.param_groups[1]["lr"]))))
+    trainer.train()
+    assert group_lr == [0.1] * 4  # constant: no warm-up, no decay
+    assert student_lr == pytest.approx([0.005, 0.01, 0.005, 0.0])  # lr of the next step
+    assert trainer.optimizer.param_groups[1]["weight_decay"] == 0.3
+
+    # a group of parameters inside the student takes them out of the default groups
+    student, mult, loss_fn, batches = constrained()
+    trainer = Trainer(student, cfg, loss_fn=loss_fn, train_batches=batches, checkpoint_dir=None,
+                      extra_modules={"mult": mult}, param_groups=[ParamGroup("w", [student.weight], lr=0.5)])
+    assert [len(g["params"]) for g in trainer.optimizer.param_groups] == [1, 1]  # lam (no decay), then w
+    assert trainer.optimizer.param_groups[1]["params"][0] is student.weight
+    with pytest.raises(ValueError, match="outside the student"):
+        Trainer(student, cfg, loss_fn=loss_fn, train_batches=batches, checkpoint_dir=None,
+                param_groups=[ParamGroup("lam", [mult.lam])])
+    with pytest.raises(ValueError, match="in both 'a' and 'b'"):
+        Trainer(student, cfg, loss_fn=loss_fn, train_batches=batches, checkpoint_dir=None,
+                param_groups=[ParamGroup("a", [student.weight]), ParamGroup("b", [student.weight])])
+    with pytest.raises(ValueError, match="'student' is taken"):
+        Trainer(student, cfg, loss_fn=loss_fn, train_batches=batches, checkpoint_dir=None,
+                param_groups=[ParamGroup("student", mult)])
+
+
+def test_hooks_run_in_order_and_can_edit_gradients_and_weights():
+    student, mult, loss_fn, batches = constrained()
+    calls: list[tuple] = []
+
+    class Recorder(StepHook):
+        def on_step_start(self, step):
+            calls.append(("start", step))
+
+        def on_after_backward(self, step):
+            # the summed, unflipped gradient of the loss: d/dlam = violation + w^2 > 0 even for an ascent group
+            calls.append(("backward", step, float(mult.lam.grad) > 0))
+            student.weight.grad.zero_()  # a pruning pass masks the gradient of removed units like this
+
+        def on_step_end(self, step, out):
+            calls.append(("end", step, sorted(out.terms)))
+            with torch.no_grad():
+                mult.lam.clamp_(max=0.15)  # ... and clamps what it trains (log_alphas, scales)
+
+    cfg = TrainConfig(steps=2, grad_accum=2, lr=0.01, warmup_ratio=0.0, scheduler="constant", weight_decay=0.0)
+    trainer = Trainer(student, cfg, loss_fn=loss_fn, train_batches=batches, checkpoint_dir=None,
+                      param_groups=[ParamGroup("lagrangian", mult, lr=0.1, ascent=True)], hooks=[Recorder()])
+    trainer.train()
+    assert calls == [("start", 1), ("backward", 1, True), ("end", 1, ["c", "fit"]),
+                     ("start", 2), ("backward", 2, True), ("end", 2, ["c", "fit"])]
+    assert float(student.weight.detach()) == 1.0  # its gradient was zeroed: Adam left it alone
+    assert float(mult.lam.detach()) == pytest.approx(0.15)  # 0.1 then 0.2, clamped
+
+
+def test_group_module_is_checkpointed_and_resumed(tmp_path: Path):
+    def make():
+        student, mult, loss_fn, batches = constrained()
+        cfg = TrainConfig(steps=4, lr=0.01, warmup_ratio=0.0, scheduler="constant", checkpoint_every=2)
+        return student, mult, Trainer(student, cfg, loss_fn=loss_fn, train_batches=batches,
+                                      checkpoint_dir=tmp_path, param_groups=[ParamGroup("lagrangian", mult, lr=0.1,
+                                                                                         ascent=True)])
+
+    student, mult, trainer = make()
+    trainer.hooks.append(AfterStep(lambda step, out: (_ for _ in ()).throw(Interrupted) if step == 3 else None))
+    with pytest.raises(Interrupted):
+        trainer.train()
+    student, mult, trainer = make()
+    assert trainer.resumed_from == 2 and float(mult.lam.detach()) == pytest.approx(0.2, abs=2e-3)
+    assert trainer.train()["steps"] == 4
+    assert float(mult.lam.detach()) == pytest.approx(0.4, abs=2e-3)
 
 
 # ------------------------------------------------------------------------------------------------ resume
@@ -254,7 +383,8 @@ def _resumable(ckpt: Path, interrupt_at: int | None = None):
     # 4 batches per epoch, 2 per step: 7 steps cross three epochs
     cfg = TrainConfig(steps=7, grad_accum=2, lr=3e-3, warmup_ratio=0.2, scheduler="cosine", checkpoint_every=2, seed=4)
     trainer = Trainer(student, cfg, loss_fn=loss_fn, train_batches=batches, checkpoint_dir=ckpt,
-                      extra_modules={"proj": proj}, extra_state={"counter": counter}, on_step_end=on_step_end)
+                      extra_modules={"proj": proj}, extra_state={"counter": counter},
+                      hooks=[AfterStep(on_step_end)])
     return trainer, student, proj, counter
 
 
@@ -275,6 +405,8 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path: Path)
     got = state(student, proj)
     assert all(torch.equal(got[k], expected[k]) for k in expected), max_diff(got, expected)
     assert resumed["loss_curve"] == straight["loss_curve"] and resumed["lr_curve"] == straight["lr_curve"]
+    assert resumed["term_curves"] == straight["term_curves"] and sorted(straight["term_curves"]) == ["hidden", "kd"]
+    assert all(len(c) == 7 and None not in c for c in straight["term_curves"].values())
     # one complete checkpoint of the end, nothing temporary left
     assert [p.name for p in (tmp_path / "broken").iterdir()] == ["step-00000007"]
 
@@ -328,7 +460,7 @@ def test_progress_callback_and_config_errors():
 def test_prepare_teacher_freezes_and_sets_eval():
     teacher = tiny_bert_cls(0, dropout=0.1)
     assert teacher.training
-    out = prepare_teacher(teacher, TrainConfig())
+    out = prepare_teacher(teacher, TeacherConfig())
     assert out is teacher
     assert not any(m.training for m in teacher.modules())
     assert not any(p.requires_grad for p in teacher.parameters())
@@ -346,7 +478,7 @@ def test_quantized_teacher_runs_on_cpu_close_to_fp32(mode: str, hidden_tol: floa
     with torch.no_grad():
         expected = reference(input_ids=ids, output_hidden_states=True)
 
-    teacher = prepare_teacher(tiny_bert_cls(0, hidden=64), TrainConfig(teacher_quantization=mode))
+    teacher = prepare_teacher(tiny_bert_cls(0, hidden=64), TeacherConfig(teacher_quantization=mode))
     kind = bnb.nn.Linear8bitLt if mode == "8bit" else bnb.nn.Linear4bit
     quantized = [n for n, m in teacher.named_modules() if isinstance(m, kind)]
     assert len(quantized) == 2 * 6 + 1  # per layer Q, K, V, O, up, down; the pooler; not the classifier

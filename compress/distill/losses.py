@@ -44,20 +44,18 @@ Hidden states and attention
 
 Weighted sums
 -------------
-`LossSpec` is the pydantic model a YAML file holds (``{term: weight}`` or ``{term: {weight, loss, ...
-options}}``); `WeightedLoss` turns it and the tensors of one step into ``(total, {term: value})``.
+The distillation objective (compress/distill/objective.py) weighs these terms: `LossWeights` names one
+weight per term, and `DistillObjective` returns the weighted total and the terms by name.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from compress.errors import InputError
@@ -881,166 +879,9 @@ def minilm_relation_kl(
     return total
 
 
-# ----------------------------------------------------------------------------------------------------------
-# weighted sums from a YAML-held spec
-# ----------------------------------------------------------------------------------------------------------
-#: Every loss a `LossSpec` may name. ``taid`` is stateful: `WeightedLoss` holds a `TAID` object for it.
-LOSSES: dict[str, Callable[..., torch.Tensor]] = {
-    "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl,
-    "jsd": jsd,
-    "skew_kl": skew_kl,
-    "skew_reverse_kl": skew_reverse_kl,
-    "taid": taid,
-    "fused_linear_kd": fused_linear_kd,
-    "cross_entropy": cross_entropy,
-    "hidden_mse": hidden_mse,
-    "hidden_cosine": hidden_cosine,
-    "attention_kl": attention_kl,
-    "attention_output_mse": attention_output_mse,
-    "minilm_relation_kl": minilm_relation_kl,
-}
-
-_TAID_INIT = set(inspect.signature(TAID.__init__).parameters) - {"self"}
-
-
-def _keyword_options(name: str) -> set[str]:
-    params = inspect.signature(LOSSES[name]).parameters
-    names = {p for p, v in params.items() if v.kind in (v.KEYWORD_ONLY, v.POSITIONAL_OR_KEYWORD)}
-    if name == "taid":
-        names = (names - {"t"}) | _TAID_INIT
-    return names
-
-
-class LossTerm(BaseModel):
-    """One term of a weighted distillation loss."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    loss: str | None = Field(None, description="Which loss (a name of compress.distill.losses.LOSSES); defaults "
-                                               "to the term's key.")
-    weight: float = Field(1.0, ge=0.0, description="Weight of the term in the sum; 0 switches it off.")
-    options: dict[str, Any] = Field(default_factory=dict, description="Keyword options of the loss (temperature, "
-                                                                      "beta, alpha, TAID's t_start...).")
-
-
-class LossSpec(BaseModel):
-    """The distillation objective as YAML holds it: a mapping from term names to a weight, or to a mapping
-    with ``weight``, optional ``loss`` (when the key is not a loss name) and the loss's options, e.g.::
-
-        losses:
-          forward_kl: {weight: 1.0, temperature: 2.0}
-          ce: {loss: cross_entropy, weight: 0.5}
-          hidden_mse: 0.1
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    terms: dict[str, LossTerm] = Field(default_factory=dict, description="Term name -> weight and options.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand(cls, data: Any) -> Any:
-        if isinstance(data, Mapping) and "terms" not in data:
-            data = {"terms": dict(data)}
-        if isinstance(data, Mapping) and isinstance(data.get("terms"), Mapping):
-            terms: dict[str, Any] = {}
-            for key, value in data["terms"].items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    terms[key] = {"weight": value}
-                elif isinstance(value, Mapping):
-                    known = {k: v for k, v in value.items() if k in ("loss", "weight", "options")}
-                    extra = {k: v for k, v in value.items() if k not in ("loss", "weight", "options")}
-                    if extra:
-                        known["options"] = {**dict(known.get("options") or {}), **extra}
-                    terms[key] = known
-                else:
-                    terms[key] = value
-            data = {**data, "terms": terms}
-        return data
-
-    @field_validator("terms")
-    @classmethod
-    def _known(cls, terms: dict[str, LossTerm]) -> dict[str, LossTerm]:
-        for key, term in terms.items():
-            name = term.loss or key
-            if name not in LOSSES:
-                raise ValueError(f"term '{key}': unknown loss '{name}'; choose one of {sorted(LOSSES)} (or set "
-                                 "`loss:` to one of them)")
-            unknown = set(term.options) - _keyword_options(name)
-            if unknown:
-                raise ValueError(f"term '{key}': unknown option(s) {sorted(unknown)} for loss '{name}'; allowed: "
-                                 f"{sorted(_keyword_options(name))}")
-        return terms
-
-    def loss_name(self, key: str) -> str:
-        return self.terms[key].loss or key
-
-
-class WeightedLoss:
-    """``total = sum_k weight_k * loss_k(**inputs_k, **options_k)`` for the terms of a `LossSpec`.
-
-    Call it with one entry per active term: a mapping of keyword arguments for that loss (tensors of this
-    step; they override the spec's options), or a ready tensor (e.g. a sum over layer pairs computed by the
-    trainer). Terms with weight 0 are skipped. Returns ``(total, terms)`` where ``terms`` holds the
-    *unweighted* detached value of every computed term, for logging. ``taid`` terms get a `TAID` object
-    (in ``self.taid[key]``), built from the term's options; the trainer calls its ``step``.
-    """
-
-    def __init__(self, spec: LossSpec | Mapping[str, Any]):
-        self.spec = spec if isinstance(spec, LossSpec) else LossSpec.model_validate(spec)
-        self.taid: dict[str, TAID] = {}
-        for key, term in self.spec.terms.items():
-            if self.spec.loss_name(key) == "taid":
-                init = {k: v for k, v in term.options.items() if k in _TAID_INIT}
-                self.taid[key] = TAID(**init)
-
-    @property
-    def active(self) -> list[str]:
-        """Names of the terms with a non-zero weight."""
-        return [k for k, t in self.spec.terms.items() if t.weight != 0.0]
-
-    def __call__(self, inputs: Mapping[str, Mapping[str, Any] | torch.Tensor] | None = None,
-                 **kw_inputs: Mapping[str, Any] | torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        given = {**(inputs or {}), **kw_inputs}
-        unknown = set(given) - set(self.spec.terms)
-        if unknown:
-            raise InputError(f"WeightedLoss: inputs for unknown term(s) {sorted(unknown)}; the spec has "
-                             f"{sorted(self.spec.terms)}")
-        total: torch.Tensor | None = None
-        values: dict[str, torch.Tensor] = {}
-        for key in self.active:
-            term = self.spec.terms[key]
-            if key not in given:
-                raise InputError(f"WeightedLoss: no inputs for term '{key}' (weight {term.weight}); pass {key}=... "
-                                 "or set its weight to 0")
-            arg = given[key]
-            if isinstance(arg, torch.Tensor):
-                value = arg
-            else:
-                name = self.spec.loss_name(key)
-                if name == "taid":
-                    opts = {k: v for k, v in term.options.items() if k not in _TAID_INIT}
-                    value = self.taid[key](**{**opts, **dict(arg)})
-                else:
-                    value = LOSSES[name](**{**term.options, **dict(arg)})
-            values[key] = value.detach()
-            weighted = term.weight * value
-            total = weighted if total is None else total + weighted
-        if total is None:
-            total = torch.zeros(())
-        return total, values
-
-
-def weighted_loss(spec: LossSpec | Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any] | torch.Tensor]
-                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One-shot `WeightedLoss` (stateless terms only; keep a `WeightedLoss` around for ``taid``)."""
-    return WeightedLoss(spec)(inputs)
-
-
 __all__ = [
-    "LOSSES", "HiddenProjector", "LossSpec", "LossTerm", "TAID", "TaskAwareFilter", "WeightedLoss",
+    "HiddenProjector", "TAID", "TaskAwareFilter",
     "attention_kl", "attention_output_mse", "cross_entropy", "forward_kl", "fused_linear_kd", "hidden_cosine",
     "hidden_mse", "jsd", "minilm_relation_kl", "reference_divergence_rows", "reverse_kl",
-    "skew_kl", "skew_reverse_kl", "taid", "weighted_loss",
+    "skew_kl", "skew_reverse_kl", "taid",
 ]

@@ -6,7 +6,7 @@ from typing import Any
 from pydantic import Field
 
 from compress.artifact import Artifact
-from compress.distill.trainer import TrainConfig
+from compress.train.trainer import TrainConfig
 from compress.passes.base import Pass, PassContext
 from compress.passes.common import task_batches, train_seed
 from compress.registry import register
@@ -32,13 +32,12 @@ class Finetune(Pass):
         return None if run.data.train is not None else "finetune needs data.train"
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
-        from compress.distill.trainer import StepOutput, Trainer
+        from compress.train.trainer import StepOutput, Trainer
 
         cfg: FinetuneConfig = self.config  # type: ignore[assignment]
         model = ctx.load_student(artifact).to(ctx.device)
         pre = ctx.load_preprocessor(artifact)
         seed = train_seed(cfg, ctx)
-        tcfg = TrainConfig(**{**{k: getattr(cfg, k) for k in TrainConfig.model_fields}, "seed": seed})
 
         def batches(epoch: int) -> Any:
             return task_batches(ctx, "train", pre, batch_size=cfg.batch_size, shuffle=True,
@@ -48,8 +47,8 @@ class Finetune(Pass):
             out = m(**batch)
             return StepOutput(loss=out.loss, terms={"task": float(out.loss.detach())})
 
-        trainer = Trainer(model, tcfg, loss_fn=loss_fn, train_batches=batches, checkpoint_dir=ctx.work_dir / "ckpt",
-                          progress=ctx.progress, label=ctx.label)
+        trainer = Trainer(model, TrainConfig.subset(cfg, seed=seed), loss_fn=loss_fn, train_batches=batches,
+                          checkpoint_dir=ctx.work_dir / "ckpt", progress=ctx.progress, label=ctx.label)
         result = trainer.train()
         ctx.metrics.update(
             steps=result["steps"], final_loss=result["final_loss"], loss_curve=result["loss_curve"],

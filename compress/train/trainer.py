@@ -1,4 +1,4 @@
-"""The generic training loop every training pass shares (finetune, distill, qat...).
+"""The one training loop every training pass shares (finetune, distill; prune and qat to come).
 
 The trainer knows nothing about distillation: the pass hands it a loss callback
 `loss_fn(student, batch, step) -> StepOutput` and a batch source `train_batches(epoch) -> Iterable[dict]`.
@@ -6,6 +6,10 @@ It owns what every pass needs the same way:
 
 - AdamW (no weight decay on biases and norm weights) over the student and `extra_modules` (projection
   layers and the like); linear warm-up then linear, cosine or constant learning rate;
+- extra `ParamGroup`s with their own lr, weight decay and schedule, optionally trained by gradient *ascent*
+  (Lagrange multipliers) or left out of the clipping (mask log_alphas, learnable quantisation scales);
+- `StepHook`s called at the start of each step, after its backward passes and after the optimizer step
+  (clamp log_alphas or scales, ramp a target, adapt TAID's t, reward a bandit);
 - gradient accumulation, gradient clipping, bf16 autocast on CUDA, seeding (torch, random, numpy);
 - resumable checkpoints, written atomically (a temp dir renamed into place) every `checkpoint_every` steps
   and at the end: student, extra modules, optimizer, lr scheduler, RNG states, data position, loss curve and
@@ -13,9 +17,10 @@ It owns what every pass needs the same way:
   built on a folder that holds a checkpoint resumes from it, and the resumed run ends with the same weights
   as an uninterrupted one;
 - a NaN/inf loss (or gradient norm) stops the run with `PassFailed`, naming the step and the loss terms;
-- data parallelism under torchrun (see `launch_distributed`).
+- data parallelism under torchrun (compress/train/distributed.py; a pass launches itself with
+  compress/train/launch.py).
 
-Steps are numbered from 1: `loss_fn`, `on_step_end`, the logs and the errors all name the optimizer step
+Steps are numbered from 1: `loss_fn`, the hooks, the logs and the errors all name the optimizer step
 being made (the first is step 1); a checkpoint of step k holds the state after k steps.
 
 Distributed training. When the process runs under torchrun (RANK / WORLD_SIZE in the environment, with
@@ -36,9 +41,7 @@ when DDP is built (transformers keep none that train).
 """
 from __future__ import annotations
 
-import atexit
 import hashlib
-import importlib
 import inspect
 import itertools
 import json
@@ -47,10 +50,8 @@ import math
 import os
 import random
 import shutil
-import subprocess
-import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,13 +63,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from compress.errors import InputError, PassFailed
+from compress.train.distributed import distributed_env, init_process_group
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "trainer_state.pt"
 _STEP_PREFIX = "step-"
 # changing these does not change the trajectory, so a checkpoint written under other values still resumes
-_NON_TRAJECTORY_FIELDS = ("checkpoint_every", "log_every", "teacher_cache")
+_NON_TRAJECTORY_FIELDS = ("checkpoint_every", "log_every")
 
 
 class TrainConfig(BaseModel):
@@ -94,18 +96,17 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(200, gt=0, description="Steps between resumable checkpoints (one is also "
                                   "written at the end).")
     log_every: int = Field(10, gt=0, description="Steps between log lines.")
-    teacher_quantization: Literal["none", "8bit", "4bit"] = Field(
-        "none", description="Load the frozen teacher's Linear layers in 8-bit (LLM.int8) or 4-bit (NF4) with "
-        "bitsandbytes to save memory.")
-    teacher_cache: bool = Field(False, description="Cache the teacher's outputs on disk, keyed by the batch, so "
-                                "later epochs skip the teacher's forward (needs a deterministic, dropout-free "
-                                "teacher; logits of large vocabularies take much disk).")
-
     @model_validator(mode="after")
     def _length(self) -> TrainConfig:
         if self.steps is None and self.epochs is None:
             raise ValueError("set steps or epochs")
         return self
+
+    @classmethod
+    def subset(cls, cfg: BaseModel, **update: Any) -> TrainConfig:
+        """The trainer's settings out of a pass config that extends TrainConfig (its other fields left out, so
+        that they do not count in the checkpoints' fingerprint), with `update` (say, the pass's seed)."""
+        return cls(**{**{k: getattr(cfg, k) for k in cls.model_fields}, **update})
 
 
 @dataclass
@@ -117,6 +118,39 @@ class StepOutput:
     terms: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class ParamGroup:
+    """Parameters the trainer optimises with their own settings: a pruning pass's mask log_alphas (own lr, no
+    clipping) and Lagrange multipliers (`ascent`: they maximise the loss), a QAT pass's learnable
+    quantisation scales. `params` is a module (trained, checkpointed and synchronised under `name`, like
+    an extra module) or parameters of the student or of an extra module."""
+
+    name: str
+    params: nn.Module | Sequence[nn.Parameter]
+    lr: float | None = None  # None: the trainer's lr
+    weight_decay: float = 0.0
+    ascent: bool = False  # gradient ascent: the optimizer step increases the loss wrt these parameters
+    schedule: bool = True  # follow the trainer's warm-up and decay; False: a constant lr
+    clip: bool = False  # count them in the global gradient-norm clipping of the student
+
+
+class StepHook:
+    """Called by the trainer around each optimizer step (steps numbered from 1); override what you need.
+    A hook with state a resumed run must continue also goes in the trainer's `extra_state`."""
+
+    def on_step_start(self, step: int) -> None:
+        """Before the step's first forward pass (ramp a target, anneal a temperature)."""
+
+    def on_after_backward(self, step: int) -> None:
+        """The gradients of the step are summed (over micro-batches and processes), not yet clipped, flipped
+        for ascent or applied (mask the gradient of removed units)."""
+
+    def on_step_end(self, step: int, out: StepOutput) -> None:
+        """After the optimizer step, with the loss and its terms averaged over micro-batches and processes,
+        before the step's checkpoint, so what the hook changes is saved (clamp log_alphas or scales,
+        adapt TAID, reward a bandit)."""
+
+
 class _Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -125,62 +159,6 @@ class _Stateful(Protocol):
 
 LossFn = Callable[[nn.Module, dict[str, Any], int], StepOutput]
 BatchFn = Callable[[int], Iterable[dict[str, Any]]]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# distributed helpers
-
-
-def distributed_env() -> tuple[int, int, int] | None:
-    """(rank, world_size, local_rank) when this process runs under torchrun (any number of processes, one
-    included: torchrun sets RANK and WORLD_SIZE), else None."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return None
-    rank = int(os.environ["RANK"])
-    return rank, int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", rank))
-
-
-def local_device() -> torch.device:
-    """The device this process should train on: its own GPU under torchrun, else cuda (or cpu)."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    env = distributed_env()
-    return torch.device("cuda", env[2] if env else torch.cuda.current_device())
-
-
-def launch_distributed(nproc: int, argv: list[str]) -> int:
-    """Run `argv` in `nproc` processes on this host under torchrun (`torch.distributed.run --standalone`) and
-    return its exit code. `argv` is what would follow `python`: a script and its arguments, or
-    `["-m", "module", ...]`. The children see RANK/WORLD_SIZE, so the trainers they build shard the data;
-    a CLI must not relaunch itself when `distributed_env()` is set."""
-    if nproc < 1:
-        raise InputError(f"--nproc {nproc}: the number of processes must be at least 1")
-    if not argv:
-        raise InputError("launch_distributed: no command to run")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *argv]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    log.info("launching %d processes: %s", nproc, " ".join(cmd))
-    return subprocess.call(cmd, env=env)
-
-
-def _init_process_group(device: torch.device) -> bool:
-    """Join the torchrun process group if needed; True when this call created it."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return False
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend)
-    atexit.register(_destroy_process_group)
-    return True
-
-
-def _destroy_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -218,11 +196,14 @@ class Trainer:
             batches for the same epoch each call (seed any shuffle with the epoch).
         checkpoint_dir: where checkpoints go; a checkpoint already there is resumed. None: no checkpoints.
         extra_modules: trained, checkpointed and (under torchrun) synchronised with the student.
+        param_groups: `ParamGroup`s trained with their own optimizer settings (lr, weight decay, gradient
+            ascent, schedule, clipping); a group given as a module is trained, checkpointed and synchronised
+            like the extra modules, under the group's name.
         extra_state: objects with `state_dict`/`load_state_dict` saved in the checkpoints and restored on resume.
         progress: a compress `Progress` (with `.task(description, total)`) or a callable
             `(step, total_steps, status) -> None`; reported on rank 0 only.
-        on_step_end: `(step, StepOutput)` after each optimizer step, with the loss and terms averaged over the
-            micro-batches (and processes); called before that step's checkpoint, so state it changes is saved.
+        hooks: `StepHook`s called at the start of each optimizer step, after its backward passes and after
+            it (see `StepHook`), in order.
         label: the pass's label: named in logs, on the progress bar and in `PassFailed` errors.
     """
 
@@ -235,10 +216,11 @@ class Trainer:
         train_batches: BatchFn,
         checkpoint_dir: Path | None,
         extra_modules: Mapping[str, nn.Module] | None = None,
+        param_groups: Sequence[ParamGroup] = (),
         extra_state: Mapping[str, _Stateful] | None = None,
         progress: Any = None,
-        on_step_end: Callable[[int, StepOutput], None] | None = None,
-        label: str = "distill",
+        hooks: Sequence[StepHook] = (),
+        label: str = "train",
     ):
         self.student = student
         self.cfg = cfg
@@ -246,13 +228,19 @@ class Trainer:
         self.train_batches = train_batches
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.extra_modules = dict(extra_modules or {})
+        self.param_groups = list(param_groups)
         self.extra_state = dict(extra_state or {})
         self.progress = progress
-        self.on_step_end = on_step_end
+        self.hooks = list(hooks)
         self.label = label
 
         if "student" in self.extra_modules:
             raise ValueError("extra_modules: the name 'student' is reserved")
+        for g in self.param_groups:
+            if isinstance(g.params, nn.Module):
+                if g.name == "student" or g.name in self.extra_modules:
+                    raise ValueError(f"param_groups: the name {g.name!r} is taken (student or an extra module)")
+                self.extra_modules[g.name] = g.params
         first = next(student.parameters(), None)
         self.device = first.device if first is not None else torch.device("cpu")
 
@@ -266,27 +254,25 @@ class Trainer:
                 self.student.to(self.device)
                 for m in self.extra_modules.values():
                     m.to(self.device)
-            _init_process_group(self.device)
+            init_process_group(self.device)
         self.is_main = self.rank == 0
         self.ddp = self._wrap_ddp() if self.distributed else None
 
         self.params = [p for m in self._modules().values() for p in m.parameters() if p.requires_grad]
-        if not self.params:
-            raise ValueError(f"{label}: nothing to train (no parameter requires grad)")
-        decay = [p for p in self.params if p.ndim >= 2]
-        no_decay = [p for p in self.params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+        groups, self.ascent_params, self.clipped_params = self._optimizer_groups()
+        self.optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "schedule"} for g in groups],
+                                           lr=cfg.lr)
 
         self.total_steps = cfg.steps if cfg.steps is not None else self._steps_from_epochs()
         self.warmup_steps = math.ceil(cfg.warmup_ratio * self.total_steps)
         total, warm, kind = self.total_steps, self.warmup_steps, cfg.scheduler
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, warm, total, kind))
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, [
+            (lambda s: lr_factor(s, warm, total, kind)) if g["schedule"] else (lambda s: 1.0) for g in groups])
 
         self.step = 0
         self.loss_curve: list[float] = []
         self.lr_curve: list[float] = []
+        self.term_curves: dict[str, list[float | None]] = {}  # per term, its value at each step (None: absent)
         self.epoch = 0
         self.batch_in_epoch = 0  # batches of `epoch` consumed so far
         self.resumed_from: int | None = None
@@ -297,6 +283,39 @@ class Trainer:
 
     def _modules(self) -> dict[str, nn.Module]:
         return {"student": self.student, **self.extra_modules}
+
+    def _optimizer_groups(self) -> tuple[list[dict[str, Any]], list[Tensor], list[Tensor]]:
+        """AdamW's parameter groups: the trained parameters outside every `ParamGroup`, with weight decay on
+        matrices only, then one group per `ParamGroup`. Also the parameters whose gradient is flipped
+        (ascent) and those that are clipped."""
+        if not self.params:
+            raise ValueError(f"{self.label}: nothing to train (no parameter requires grad)")
+        owned = {id(p) for p in self.params}
+        grouped: dict[int, str] = {}
+        extra: list[dict[str, Any]] = []
+        ascent: list[Tensor] = []
+        clipped: list[Tensor] = []
+        for g in self.param_groups:
+            params = [p for p in (g.params.parameters() if isinstance(g.params, nn.Module) else g.params)
+                      if p.requires_grad]
+            for p in params:
+                if id(p) not in owned:
+                    raise ValueError(f"param_groups: group {g.name!r} holds a parameter outside the student, the "
+                                     "extra modules and the groups given as modules; pass its module instead")
+                if id(p) in grouped:
+                    raise ValueError(f"param_groups: a parameter is in both {grouped[id(p)]!r} and {g.name!r}")
+                grouped[id(p)] = g.name
+            if not params:
+                raise ValueError(f"param_groups: group {g.name!r} has no parameter that requires grad")
+            extra.append({"params": params, "lr": self.cfg.lr if g.lr is None else g.lr,
+                          "weight_decay": g.weight_decay, "schedule": g.schedule})
+            ascent += params if g.ascent else []
+            clipped += params if g.clip else []
+        rest = [p for p in self.params if id(p) not in grouped]
+        default = [{"params": [p for p in rest if p.ndim >= 2], "weight_decay": self.cfg.weight_decay},
+                   {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0}]
+        default = [{**g, "lr": self.cfg.lr, "schedule": True} for g in default if g["params"]]
+        return default + extra, ascent, rest + clipped
 
     def _wrap_ddp(self) -> nn.Module:
         """`DistributedDataParallel` over every trained module; calling it runs `loss_fn` (see the module doc).
@@ -325,6 +344,7 @@ class Trainer:
         cfg = {k: v for k, v in self.cfg.model_dump(mode="json").items() if k not in _NON_TRAJECTORY_FIELDS}
         cfg["total_steps"] = self.total_steps
         cfg["modules"] = sorted(self.extra_modules)
+        cfg["param_groups"] = [[g.name, g.lr, g.weight_decay, g.ascent, g.schedule, g.clip] for g in self.param_groups]
         cfg["extra_state"] = sorted(self.extra_state)
         return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
 
@@ -365,6 +385,7 @@ class Trainer:
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
         self.loss_curve = list(state["loss_curve"])
         self.lr_curve = list(state["lr_curve"])
+        self.term_curves = {k: list(v) for k, v in state.get("term_curves", {}).items()}
         self._rng_to_restore = state["rng"]
         self.resumed_from = self.step
         log.info("%s: resuming from step %d/%d (%s)", self.label, self.step, self.total_steps, path)
@@ -388,6 +409,7 @@ class Trainer:
             "rng": _rng_state(),
             "loss_curve": list(self.loss_curve),
             "lr_curve": list(self.lr_curve),
+            "term_curves": {k: list(v) for k, v in self.term_curves.items()},
             "config": self.cfg.model_dump(mode="json"),
         }
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.checkpoint_dir))
@@ -457,7 +479,8 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- training
 
     def train(self) -> dict[str, Any]:
-        """Run (or finish) the training. Returns steps, final_loss, loss_curve, lr_curve and resumed_from."""
+        """Run (or finish) the training. Returns steps, final_loss, loss_curve, lr_curve, term_curves (each
+        term's value per step, averaged like the loss; None where a step had no such term) and resumed_from."""
         cfg = self.cfg
         if self.step >= self.total_steps:
             log.info("%s: already trained (%d steps)", self.label, self.step)
@@ -471,6 +494,8 @@ class Trainer:
         with self._progress_task() as report:
             while self.step < self.total_steps:
                 step = self.step + 1
+                for hook in self.hooks:
+                    hook.on_step_start(step)
                 loss_sum, terms_sum = 0.0, {}
                 for micro in range(cfg.grad_accum):
                     batch, share = self._shard(next(stream))
@@ -492,6 +517,11 @@ class Trainer:
                 if not math.isfinite(loss):
                     raise PassFailed(self.label, f"loss became {_fmt(loss)} at step {step} "
                                      f"(terms: {_fmt_terms(terms)})")
+                for hook in self.hooks:
+                    hook.on_after_backward(step)
+                for p in self.ascent_params:  # AdamW descends: the flipped gradient makes it ascend
+                    if p.grad is not None:
+                        p.grad.neg_()
                 grad_norm = self._clip()
                 if grad_norm is not None and not math.isfinite(grad_norm):
                     raise PassFailed(self.label, f"gradient norm became {_fmt(grad_norm)} at step {step} "
@@ -503,12 +533,16 @@ class Trainer:
                 self.step = step
                 self.loss_curve.append(loss)
                 self.lr_curve.append(lr)
+                for k in terms.keys() - self.term_curves.keys():
+                    self.term_curves[k] = [None] * (step - 1)
+                for k, curve in self.term_curves.items():
+                    curve.append(terms.get(k))
                 if self.is_main and (step % cfg.log_every == 0 or step == self.total_steps or step == 1):
                     log.info("%s: step %d/%d loss %.4g %s lr %.3g%s", self.label, step, self.total_steps, loss,
                              _fmt_terms(terms), lr, f" grad_norm {grad_norm:.3g}" if grad_norm is not None else "")
                 report(step, f"loss {loss:.4g}")
-                if self.on_step_end is not None:
-                    self.on_step_end(step, StepOutput(loss=torch.tensor(loss), terms=terms))
+                for hook in self.hooks:
+                    hook.on_step_end(step, StepOutput(loss=torch.tensor(loss), terms=terms))
                 if step % cfg.checkpoint_every == 0 or step == self.total_steps:
                     self.save_checkpoint()
         if self.distributed:
@@ -530,6 +564,7 @@ class Trainer:
             "final_loss": self.loss_curve[-1] if self.loss_curve else None,
             "loss_curve": list(self.loss_curve),
             "lr_curve": list(self.lr_curve),
+            "term_curves": {k: list(v) for k, v in self.term_curves.items()},
             "resumed_from": self.resumed_from,
             "device": str(self.device),
             "autocast": "bf16" if self.cfg.bf16 and self.device.type == "cuda" else None,
@@ -555,7 +590,7 @@ class Trainer:
     def _clip(self) -> float | None:
         if self.cfg.max_grad_norm is None:
             return None
-        with_grad = [p for p in self.params if p.grad is not None]
+        with_grad = [p for p in self.clipped_params if p.grad is not None]
         if not with_grad:
             return 0.0
         return float(torch.nn.utils.clip_grad_norm_(with_grad, self.cfg.max_grad_norm))
@@ -641,192 +676,3 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# --------------------------------------------------------------------------------------------------------------
-# teacher
-
-
-DEFAULT_KEEP_FULL_PRECISION = ("lm_head", "classifier", "score", "qa_outputs")
-
-
-def prepare_teacher(
-    teacher: nn.Module,
-    cfg: TrainConfig | str = "none",
-    *,
-    keep_full_precision: Iterable[str] = DEFAULT_KEEP_FULL_PRECISION,
-) -> nn.Module:
-    """Freeze the teacher (no gradients, eval mode) and, for `teacher_quantization` '8bit' / '4bit', replace its
-    `nn.Linear` layers in place with bitsandbytes `Linear8bitLt` (LLM.int8) / `Linear4bit` (NF4), except the
-    output heads named in `keep_full_precision` (matched on the last part of the module name). The quantised
-    layers stay on the device the teacher is on (bitsandbytes runs them on CPU and CUDA). GPT-2's `Conv1D`
-    layers are not `nn.Linear` and stay as they are. Returns the teacher."""
-    mode = cfg if isinstance(cfg, str) else cfg.teacher_quantization
-    if mode not in ("none", "8bit", "4bit"):
-        raise InputError(f"teacher_quantization: {mode!r} is not one of none, 8bit, 4bit")
-    if mode != "none":
-        bnb = _import_bitsandbytes(mode)
-        keep = set(keep_full_precision)
-        targets = [(name, m) for name, m in teacher.named_modules()
-                   if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in keep]
-        for name, lin in targets:
-            parent_name, _, child = name.rpartition(".")
-            parent = teacher.get_submodule(parent_name) if parent_name else teacher
-            setattr(parent, child, _quantized_linear(bnb, lin, mode))
-        log.info("teacher: %d Linear layers quantised to %s", len(targets), mode)
-    teacher.requires_grad_(False)
-    teacher.eval()
-    return teacher
-
-
-def _import_bitsandbytes(mode: str) -> Any:
-    try:
-        return importlib.import_module("bitsandbytes")
-    except ImportError as e:
-        raise InputError(f"teacher_quantization={mode!r} needs bitsandbytes: pip install bitsandbytes") from e
-    except Exception as e:  # a broken install raises other errors at import
-        raise InputError(f"teacher_quantization={mode!r}: bitsandbytes failed to load ({e}); reinstall it "
-                         f"or set teacher_quantization: none") from e
-
-
-def _quantized_linear(bnb: Any, lin: nn.Linear, mode: str) -> nn.Module:
-    weight = lin.weight.data
-    device = weight.device
-    has_bias = lin.bias is not None
-    q: nn.Module
-    if mode == "8bit":
-        q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=has_bias, has_fp16_weights=False,
-                                threshold=6.0)
-        q.weight = bnb.nn.Int8Params(weight.detach().cpu().clone(), requires_grad=False, has_fp16_weights=False)
-    else:
-        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=has_bias, compute_dtype=weight.dtype,
-                              quant_type="nf4")
-        q.weight = bnb.nn.Params4bit(weight.detach().cpu().clone(), requires_grad=False, quant_type="nf4")
-    if has_bias:
-        q.bias = nn.Parameter(lin.bias.detach().cpu().clone(), requires_grad=False)  # type: ignore[union-attr]
-    return q.to(device)  # moving the module quantises the weights
-
-
-# --------------------------------------------------------------------------------------------------------------
-# teacher cache
-
-
-class TeacherCache:
-    """On-disk cache of teacher outputs keyed by a hash of the batch's tensors (and `namespace`, which should
-    identify the teacher, say its fingerprint). Each entry is a safetensors file written atomically; outputs
-    may be a tensor or any nesting of dicts, tuples, lists and `transformers` ModelOutputs of tensors (None and
-    plain numbers allowed) and come back with the same structure and class, on the batch's device.
-
-    Usage: `teacher_out = cache.cached(lambda b: teacher(**b), batch)`."""
-
-    def __init__(self, root: Path, namespace: str = ""):
-        self.root = Path(root)
-        self.namespace = namespace
-        self.hits = 0
-        self.misses = 0
-
-    def key(self, batch: Mapping[str, Any]) -> str:
-        h = hashlib.sha256(self.namespace.encode())
-        for k in sorted(batch):
-            v = batch[k]
-            h.update(f"|{k}:".encode())
-            if isinstance(v, Tensor):
-                t = v.detach().contiguous().cpu()
-                h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-            else:
-                h.update(json.dumps(v, sort_keys=True, default=repr).encode())
-        return h.hexdigest()
-
-    def path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.safetensors"
-
-    def cached(self, teacher_fn: Callable[[Mapping[str, Any]], Any], batch: Mapping[str, Any]) -> Any:
-        """The teacher's outputs for `batch`: read from the cache, or computed (under no_grad) and stored."""
-        key = self.key(batch)
-        device = next((v.device for v in batch.values() if isinstance(v, Tensor)), torch.device("cpu"))
-        found = self.get(key, device)
-        if found is not None:
-            self.hits += 1
-            return found
-        self.misses += 1
-        with torch.no_grad():
-            out = teacher_fn(batch)
-        self.put(key, out)
-        return out
-
-    def get(self, key: str, device: torch.device | str = "cpu") -> Any | None:
-        path = self.path(key)
-        if not path.is_file():
-            return None
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                spec = json.loads(f.metadata()["structure"])
-            tensors = load_file(str(path), device=str(device))
-            return _unflatten(spec, tensors)
-        except Exception as e:  # unreadable entry: recompute it
-            log.warning("teacher cache: ignoring unreadable %s (%s)", path, e)
-            return None
-
-    def put(self, key: str, outputs: Any) -> Path:
-        from safetensors.torch import save_file
-
-        tensors: dict[str, Tensor] = {}
-        spec = _flatten(outputs, tensors)
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"structure": json.dumps(spec)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
-
-
-def _flatten(obj: Any, tensors: dict[str, Tensor]) -> dict[str, Any]:
-    if isinstance(obj, Tensor):
-        name = str(len(tensors))
-        tensors[name] = obj.detach().to("cpu").contiguous().clone()
-        return {"t": "tensor", "k": name}
-    if obj is None:
-        return {"t": "none"}
-    if isinstance(obj, (bool, int, float, str)):
-        return {"t": "value", "v": obj}
-    if isinstance(obj, Mapping):
-        cls = type(obj)
-        cls_name = None if cls is dict else f"{cls.__module__}:{cls.__qualname__}"
-        return {"t": "dict", "cls": cls_name, "items": [[str(k), _flatten(v, tensors)] for k, v in obj.items()]}
-    if isinstance(obj, (tuple, list)):
-        return {"t": "list" if isinstance(obj, list) else "tuple", "items": [_flatten(v, tensors) for v in obj]}
-    raise TypeError(f"teacher cache: cannot store a {type(obj).__name__} (tensors, dicts, tuples, lists only)")
-
-
-def _unflatten(spec: dict[str, Any], tensors: dict[str, Tensor]) -> Any:
-    kind = spec["t"]
-    if kind == "tensor":
-        return tensors[spec["k"]]
-    if kind == "none":
-        return None
-    if kind == "value":
-        return spec["v"]
-    if kind in ("list", "tuple"):
-        items = [_unflatten(s, tensors) for s in spec["items"]]
-        return items if kind == "list" else tuple(items)
-    if kind == "dict":
-        items = {k: _unflatten(s, tensors) for k, s in spec["items"]}
-        if spec["cls"] is None:
-            return items
-        module, _, qualname = spec["cls"].partition(":")
-        cls: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            cls = getattr(cls, part)
-        if not (isinstance(cls, type) and issubclass(cls, Mapping)):
-            raise TypeError(f"teacher cache: {spec['cls']} is not a mapping type")
-        return cls(**items)
-    raise ValueError(f"teacher cache: unknown entry kind {kind!r}")
