@@ -16,7 +16,7 @@ import shutil
 import time
 import traceback
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,25 +25,12 @@ from compress.config import RunConfig, validate_pass_configs
 from compress.errors import CompressError, ConfigError, GateFailed, InputError, PassFailed
 from compress.passes.base import DataProvider, Pass, PassConfig, PassContext, Progress, stable_hash
 from compress.registry import get_pass
+from compress.report.records import StepRecord
 
 log = logging.getLogger(__name__)
 
 LOAD_VERSION = "1"
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_GATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-
-
-@dataclass
-class StepRecord:
-    label: str
-    type: str
-    version: str
-    config: dict[str, Any]
-    key: str = ""
-    status: str = "pending"  # ran | cached | failed | skipped
-    duration_s: float = 0.0
-    metrics: dict[str, Any] = field(default_factory=dict)
-    events: list[dict[str, Any]] = field(default_factory=list)
-    error: str | None = None
 
 
 @dataclass

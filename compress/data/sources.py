@@ -134,11 +134,17 @@ def _rows_to_columns(rows: Sequence[Any], name: str) -> dict[str, list[Any]]:
 # ---------------------------------------------------------------------------------------------- readers
 
 
+def _empty(path: Path) -> InputError:
+    return InputError(f"{path}: the file is empty; point at a file that holds rows")
+
+
 def _read_jsonl(path: Path) -> dict[str, list[Any]]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+    if not text.strip():
+        raise _empty(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -174,7 +180,9 @@ def _read_csv(path: Path) -> dict[str, list[Any]]:
         frame = pd.read_csv(path, sep=sep, keep_default_na=False)
     except UnicodeDecodeError as err:
         raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+    except pd.errors.EmptyDataError:
+        raise _empty(path) from None
+    except pd.errors.ParserError as err:
         raise InputError(f"{path}: cannot parse as CSV ({str(err).strip().splitlines()[0]})") from None
     return {str(k): v for k, v in frame.to_dict("list").items()}
 
@@ -195,6 +203,8 @@ def _read_parquet(path: Path, wanted: list[str] | None) -> dict[str, list[Any]]:
 
 
 def _read_file(path: Path, fmt: str, wanted: list[str] | None) -> dict[str, list[Any]]:
+    if path.stat().st_size == 0:
+        raise _empty(path)
     if fmt == "jsonl":
         return _read_jsonl(path)
     if fmt == "csv":

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from compress.artifact import Artifact
     from compress.config import RunConfig
-    from compress.pipeline import StepRecord
+    from compress.report.records import StepRecord
 
 REPORT_SCHEMA = 1
 DEPENDENCIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "optimum", "numpy", "triton")
