@@ -444,14 +444,18 @@ def _is_missing(value: Any) -> bool:
 def _as_text(value: Any, column: str, row: int, source: str, where: str) -> str:
     if isinstance(value, np.generic):
         value = value.item()
+    if isinstance(value, (list, tuple, np.ndarray)):  # pre-split words (token classification): one text
+        return " ".join(_as_text(v, column, row, source, where) for v in value)
     if _is_missing(value):
         raise InputError(f"{where}: {source}: column '{column}' is empty (null) in source row {row}; fill or drop that row")
     return value if isinstance(value, str) else str(value)
 
 
-def _as_label(value: Any, column: str, row: int, source: str, where: str) -> str | int:
+def _as_label(value: Any, column: str, row: int, source: str, where: str) -> str | int | tuple[str | int, ...]:
     if isinstance(value, np.generic):
         value = value.item()
+    if isinstance(value, (list, tuple, np.ndarray)):  # one label per word (token classification)
+        return tuple(_as_label(v, column, row, source, where) for v in value)  # type: ignore[misc]
     if _is_missing(value):
         raise InputError(f"{where}: {source}: column '{column}' has no label in source row {row}; fill or drop that row")
     if isinstance(value, bool):
@@ -614,12 +618,17 @@ def _label_sort_key(label: Any) -> tuple[int, Any]:
     return (0, label) if isinstance(label, int) else (1, str(label))
 
 
+def _flat(labels: list[Any]) -> list[Any]:
+    """Labels with per-word label sequences (token classification) spread out."""
+    return [x for label in labels for x in (label if isinstance(label, tuple) else (label,))]
+
+
 def label_mapping(records: Records) -> tuple[dict[str, int], dict[int, str]]:
     """(label2id, id2label) over the labels of `records`, sorted (integers numerically, then strings), keys as
     strings. Deterministic: the same label set always gives the same ids."""
     if records.labels is None:
         raise InputError(f"{records.source or 'data'}: has no labels; set the label column for classification")
-    unique = sorted({label for label in records.labels}, key=_label_sort_key)
+    unique = sorted(set(_flat(records.labels)), key=_label_sort_key)
     names = [str(label) for label in unique]
     if len(set(names)) != len(names):
         raise InputError(f"{records.source or 'data'}: labels {unique} collide as strings (say 1 and '1'); use one type")

@@ -12,23 +12,11 @@ import torch
 from torch import nn
 
 from compress.errors import InputError
+from compress.tasks import get_task
 
 log = logging.getLogger(__name__)
 
-# our task names -> the task names optimum's TasksManager knows (its synonyms table does the mapping)
-TASK_SYNONYMS = {
-    "sequence-classification": "text-classification",
-    "feature-extraction": "feature-extraction",
-    "causal-lm": "text-generation",
-    "image-classification": "image-classification",
-}
 PICKLED_MODEL = "model.pt"
-
-
-def auto_class(task: str) -> Any:
-    from optimum.exporters.tasks import TasksManager
-
-    return TasksManager.get_model_class_for_task(TasksManager.map_from_synonym(TASK_SYNONYMS[task]), framework="pt")
 
 
 def resolve_source(path: str, base_dir: Path) -> tuple[str, str]:
@@ -90,9 +78,10 @@ def load_model(
         return torch.load(folder / PICKLED_MODEL, weights_only=False)
     if folder.is_dir():
         check_weight_files(folder)
-    cls = auto_class(task)
+    spec = get_task(task)
+    cls = spec.auto_class()
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
-    if label2id is not None and task in ("sequence-classification", "image-classification"):
+    if label2id is not None and spec.has_classes:
         kwargs.update(
             num_labels=len(label2id),
             label2id=dict(label2id),
