@@ -86,21 +86,11 @@ def _num(v: Any) -> str:
 def cmd_validate(args: argparse.Namespace) -> int:
     from compress.config import load_config
     from compress.models.loading import resolve_source
-    from compress.config import validate_pass_configs
-    from compress.contracts import check_order
-    from compress.pipeline import Pipeline, check_gates_measurable
-    from compress.registry import all_passes, get_pass
+    from compress.pipeline import Pipeline, check_pipeline
 
     cfg = load_config(args.config, args.set)
     resolve_source(cfg.model.path, cfg.base_dir)
-    typed = validate_pass_configs(cfg, str(args.config))
-    passes = [get_pass(s.type)(c) for s, c in zip(cfg.passes, typed)]
-    for i, p in enumerate(passes):
-        problem = p.validate(cfg)
-        if problem:
-            raise InputError(f"{args.config}: passes[{i}] ({p.type}): {problem}")
-    check_order(passes, cfg.pass_labels(), str(args.config), all_passes())
-    check_gates_measurable(cfg, passes, str(args.config))
+    check_pipeline(cfg, str(args.config))
     for split in ("train", "eval", "calibration"):
         spec = getattr(cfg.data, split)
         if spec is not None and not spec.path.startswith(("package:", "python:")):
@@ -120,7 +110,11 @@ def cmd_passes(args: argparse.Namespace) -> int:
     con = _console()
     for name, cls in all_passes().items():
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        t = Table(title=f"[bold]{name}[/] (v{cls.version}) {doc}", title_justify="left", expand=False)
+        contract = "; ".join(f"{what}: {', '.join(k.name.lower() for k in kinds)}"
+                             for what in ("consumes", "refuses", "produces", "drops")
+                             if (kinds := getattr(cls, what, ())))
+        t = Table(title=f"[bold]{name}[/] (v{cls.version}) {doc}" + (f"\n  {contract}" if contract else ""),
+                  title_justify="left", expand=False)
         for col in ("field", "type", "default", "description"):
             t.add_column(col)
         for fname, f in cls.Config.model_fields.items():

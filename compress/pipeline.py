@@ -115,14 +115,7 @@ class Pipeline:
     def run(self) -> RunResult:
         run = self.run_config
         file = str(run.source) if run.source else "<config>"
-        typed = validate_pass_configs(run, file)
-        passes: list[Pass] = [get_pass(spec.type)(cfg) for spec, cfg in zip(run.passes, typed)]
-        for i, p in enumerate(passes):
-            problem = p.validate(run)
-            if problem:
-                raise ConfigError(f"{file}: passes[{i}] ({p.type}): {problem}")
-        check_order(passes, self.labels, file, all_passes())
-        check_gates_measurable(run, passes, file)
+        passes = check_pipeline(run, file)
 
         self.output.mkdir(parents=True, exist_ok=True)
         (self.cache / "tmp").mkdir(parents=True, exist_ok=True)
@@ -343,6 +336,22 @@ def _config_from_passes(passes: list[Any], config: dict[str, Any]) -> RunConfig:
         else:
             raise ConfigError(f"Pipeline: pass entries are dicts or Pass instances, not {type(item).__name__}")
     return parse_config({**config, "passes": entries}, file="Pipeline(...)")
+
+
+# ---------------------------------------------------------------------------------------- checks
+def check_pipeline(run: RunConfig, file: str) -> list[Pass]:
+    """The run's passes, built from their typed configs, once every check that needs no model holds: each
+    pass's config and `validate`, the order from the passes' declared contracts, and that each gate is measured.
+    `compress validate` and `compress run` (before anything starts) both run it."""
+    typed = validate_pass_configs(run, file)
+    passes: list[Pass] = [get_pass(spec.type)(cfg) for spec, cfg in zip(run.passes, typed)]
+    for i, p in enumerate(passes):
+        problem = p.validate(run)
+        if problem:
+            raise ConfigError(f"{file}: passes[{i}] ({p.type}): {problem}")
+    check_order(passes, run.pass_labels(), file, all_passes())
+    check_gates_measurable(run, passes, file)
+    return passes
 
 
 # ---------------------------------------------------------------------------------------- gates

