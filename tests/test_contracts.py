@@ -103,3 +103,41 @@ def test_format_1_artifacts_from_old_caches_are_upgraded(tmp_path: Path) -> None
     assert art.shipped().path == tmp_path / "student.int8-static.onnx"
     assert art.evaluation is not None and set(art.evaluation.models) == {"fp32", "int8-static"}
     assert art.extra == {"note": 1}
+
+
+def _as_format_1(data: dict) -> dict:
+    """An artifact.json as compress wrote it before model-file records (format 1)."""
+    def name(m: dict) -> str:
+        return "fp32" if m["precision"] == "fp32" else f"{m['precision']}-{m['method']}"
+
+    onnx = {name(m): m["path"] for m in data["models"]}
+    shipped = next((m for m in data["models"] if m["shipped"]), None)
+    if shipped:
+        onnx["int8"] = shipped["path"]
+    extra = dict(data["extra"])
+    ev = data["evaluation"]
+    if ev:
+        variants = dict(ev["models"])
+        if shipped:
+            variants["int8"] = dict(variants[name(shipped)], alias_of=name(shipped))
+        extra["evaluation"] = {**{k: ev[k] for k in ("main_metric", "higher_is_better", "examples", "teacher")},
+                               "variants": variants}
+    old = {k: v for k, v in data.items() if k not in ("models", "evaluation")}
+    return {**old, "format": 1, "onnx": onnx, "extra": extra}
+
+
+def test_a_cache_written_in_format_1_is_reused(tmp_path: Path, tiny_bert_dir: Path, data_dir: Path, capsys) -> None:
+    cfg = make_config(tmp_path, tiny_bert_dir, data_dir, passes=[
+        {"type": "export"}, {"type": "ptq", "methods": ["dynamic"]}, {"type": "evaluate", "latency": False}])
+    assert main(["run", str(cfg), "-q"]) == 0
+    out = tmp_path / "out"
+    first = json.loads((out / "report.json").read_text())
+    files = list((out / ".cache").glob(f"*/{ARTIFACT_FILE}"))
+    assert len(files) == 4  # load, export, ptq, evaluate
+    for f in files:
+        f.write_text(json.dumps(_as_format_1(json.loads(f.read_text()))))
+    assert main(["run", str(cfg), "-q"]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert [p["status"] for p in again["passes"]] == ["cached"] * 3
+    assert again["evaluation"] == first["evaluation"] and again["final_student"] == first["final_student"]
+    assert again["evaluation"]["variants"]["int8"]["alias_of"] == "int8-dynamic"
