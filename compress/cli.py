@@ -86,19 +86,11 @@ def _num(v: Any) -> str:
 def cmd_validate(args: argparse.Namespace) -> int:
     from compress.config import load_config
     from compress.models.loading import resolve_source
-    from compress.pipeline import Pipeline, check_gates_measurable
-    from compress.registry import get_pass
-    from compress.config import validate_pass_configs
+    from compress.pipeline import Pipeline, check_pipeline
 
     cfg = load_config(args.config, args.set)
     resolve_source(cfg.model.path, cfg.base_dir)
-    typed = validate_pass_configs(cfg, str(args.config))
-    passes = [get_pass(s.type)(c) for s, c in zip(cfg.passes, typed)]
-    for i, p in enumerate(passes):
-        problem = p.validate(cfg)
-        if problem:
-            raise InputError(f"{args.config}: passes[{i}] ({p.type}): {problem}")
-    check_gates_measurable(cfg, passes, str(args.config))
+    check_pipeline(cfg, str(args.config))
     for split in ("train", "eval", "calibration"):
         spec = getattr(cfg.data, split)
         if spec is not None and not spec.path.startswith(("package:", "python:")):
@@ -118,7 +110,11 @@ def cmd_passes(args: argparse.Namespace) -> int:
     con = _console()
     for name, cls in all_passes().items():
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        t = Table(title=f"[bold]{name}[/] (v{cls.version}) {doc}", title_justify="left", expand=False)
+        contract = "; ".join(f"{what}: {', '.join(k.name.lower() for k in kinds)}"
+                             for what in ("consumes", "refuses", "produces", "drops")
+                             if (kinds := getattr(cls, what, ())))
+        t = Table(title=f"[bold]{name}[/] (v{cls.version}) {doc}" + (f"\n  {contract}" if contract else ""),
+                  title_justify="left", expand=False)
         for col in ("field", "type", "default", "description"):
             t.add_column(col)
         for fname, f in cls.Config.model_fields.items():
@@ -130,25 +126,20 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from compress.onnx.runtime import make_session, measure_latency, onnx_size_mb
+    from compress.tasks import synthetic_inputs
 
     path = Path(args.model)
     if not path.is_file():
         raise InputError(f"{path}: ONNX file not found")
     sess = make_session(path, provider=args.provider, threads=args.threads)
-    rng = np.random.default_rng(0)
-    inputs: dict[str, np.ndarray] = {}
-    for inp in sess.get_inputs():
-        shape = [args.batch_size if i == 0 else (d if isinstance(d, int) else args.seq_len)
-                 for i, d in enumerate(inp.shape)]
-        if "int" in inp.type:
-            inputs[inp.name] = (np.ones(shape, dtype=np.int64) if "mask" in inp.name
-                                else np.zeros(shape, dtype=np.int64) if "type" in inp.name
-                                else rng.integers(0, 100, size=shape, dtype=np.int64))
-        else:
-            inputs[inp.name] = rng.standard_normal(shape).astype(np.float32)
+    shapes = {i.name: i.shape for i in sess.get_inputs()}
+    if "pixel_values" in shapes:  # an image model: channels and side from the graph where it fixes them
+        _, chans, side = (list(shapes["pixel_values"]) + [None] * 4)[:3]
+        inputs = synthetic_inputs("image", batch_size=args.batch_size, channels=chans if isinstance(chans, int) else 3,
+                                  image_size=side if isinstance(side, int) else 224)
+    else:
+        inputs = synthetic_inputs("text", batch_size=args.batch_size, seq_len=args.seq_len)
     stats = measure_latency(path, inputs, provider=args.provider, threads=args.threads, warmup=args.warmup, runs=args.runs)
     stats["size_mb"] = onnx_size_mb(path)
     if args.json:

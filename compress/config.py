@@ -13,9 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from compress.data.spec import DataSpec
 from compress.errors import ConfigError
-
-TASKS = ("sequence-classification", "feature-extraction", "causal-lm", "image-classification")
-Task = Literal["sequence-classification", "feature-extraction", "causal-lm", "image-classification"]
+from compress.tasks import TaskName
 
 
 class Strict(BaseModel):
@@ -28,7 +26,7 @@ class ModelSpec(Strict):
         "(a pip package exposing get_model_path()), or `python:module:factory` (a callable returning an "
         "nn.Module, or (model, tokenizer))."
     )
-    task: Task = Field(description="What the model does; decides the head, the ONNX output and the metrics.")
+    task: TaskName = Field(description="What the model does; decides the head, the ONNX output and the metrics.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
     tokenizer: str | None = Field(None, description="Where to load the tokenizer/processor from, if not `path`.")
     max_length: int = Field(128, gt=0, description="Max tokens per text example for training and evaluation.")

@@ -9,6 +9,7 @@ Cache layout under `cache_path`:
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -16,7 +17,7 @@ import shutil
 import time
 import traceback
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +25,15 @@ from compress.artifact import Artifact
 from compress.config import RunConfig, validate_pass_configs
 from compress.errors import CompressError, ConfigError, GateFailed, InputError, PassFailed
 from compress.passes.base import DataProvider, Pass, PassConfig, PassContext, Progress, stable_hash
-from compress.registry import get_pass
+from compress.contracts import Kind, check_order
+from compress.registry import all_passes, get_pass
+from compress.report.records import StepRecord
+from compress.tasks import get_task
 
 log = logging.getLogger(__name__)
 
 LOAD_VERSION = "1"
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_GATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-
-
-@dataclass
-class StepRecord:
-    label: str
-    type: str
-    version: str
-    config: dict[str, Any]
-    key: str = ""
-    status: str = "pending"  # ran | cached | failed | skipped
-    duration_s: float = 0.0
-    metrics: dict[str, Any] = field(default_factory=dict)
-    events: list[dict[str, Any]] = field(default_factory=list)
-    error: str | None = None
 
 
 @dataclass
@@ -79,7 +69,7 @@ def _rebase(art: Artifact, old: Path, new: Path) -> Artifact:
     return art.replace(
         model_dir=fix(art.model_dir),
         teacher_dir=fix(art.teacher_dir),
-        onnx={k: fix(v) for k, v in art.onnx.items()},
+        models=[dataclasses.replace(m, path=fix(m.path)) for m in art.models],
     )
 
 
@@ -125,13 +115,7 @@ class Pipeline:
     def run(self) -> RunResult:
         run = self.run_config
         file = str(run.source) if run.source else "<config>"
-        typed = validate_pass_configs(run, file)
-        passes: list[Pass] = [get_pass(spec.type)(cfg) for spec, cfg in zip(run.passes, typed)]
-        for i, p in enumerate(passes):
-            problem = p.validate(run)
-            if problem:
-                raise ConfigError(f"{file}: passes[{i}] ({p.type}): {problem}")
-        check_gates_measurable(run, passes, file)
+        passes = check_pipeline(run, file)
 
         self.output.mkdir(parents=True, exist_ok=True)
         (self.cache / "tmp").mkdir(parents=True, exist_ok=True)
@@ -234,7 +218,7 @@ class Pipeline:
             source_fp = _hash_path(Path(module.__file__)) if getattr(module, "__file__", None) else source
         else:
             source_fp = f"{source}@{run.model.revision}"
-        label2id = data.label2id() if run.model.task in ("sequence-classification", "image-classification") else None
+        label2id = data.label2id() if get_task(run.model.task).has_classes else None
         key = stable_hash(
             {
                 "stage": "load",
@@ -354,15 +338,32 @@ def _config_from_passes(passes: list[Any], config: dict[str, Any]) -> RunConfig:
     return parse_config({**config, "passes": entries}, file="Pipeline(...)")
 
 
+# ---------------------------------------------------------------------------------------- checks
+def check_pipeline(run: RunConfig, file: str) -> list[Pass]:
+    """The run's passes, built from their typed configs, once every check that needs no model holds: each
+    pass's config and `validate`, the order from the passes' declared contracts, and that each gate is measured.
+    `compress validate` and `compress run` (before anything starts) both run it."""
+    typed = validate_pass_configs(run, file)
+    passes: list[Pass] = [get_pass(spec.type)(cfg) for spec, cfg in zip(run.passes, typed)]
+    for i, p in enumerate(passes):
+        problem = p.validate(run)
+        if problem:
+            raise ConfigError(f"{file}: passes[{i}] ({p.type}): {problem}")
+    check_order(passes, run.pass_labels(), file, all_passes())
+    check_gates_measurable(run, passes, file)
+    return passes
+
+
 # ---------------------------------------------------------------------------------------- gates
 def check_gates_measurable(run: RunConfig, passes: list[Pass], file: str) -> None:
     g = run.gates
+    made = {kind for p in passes for kind in p.produces}
     needs_eval = [n for n in ("max_quality_drop", "max_latency_ms", "min_fidelity") if getattr(g, n) is not None]
-    if needs_eval and not any(p.type == "evaluate" for p in passes):
+    if needs_eval and Kind.EVALUATION not in made:
         raise ConfigError(
             f"{file}: gates.{needs_eval[0]}: nothing measures it; add {{type: evaluate}} to passes or remove the gate"
         )
-    if g.max_size_mb is not None and not any(p.type in ("export", "evaluate") for p in passes):
+    if g.max_size_mb is not None and Kind.ONNX not in made:
         raise ConfigError(f"{file}: gates.max_size_mb: no ONNX student is made; add {{type: export}} to passes")
 
 
@@ -370,10 +371,10 @@ def evaluate_gates(run: RunConfig, artifact: Artifact, partial: bool = False) ->
     """Verdicts of the configured gates on the final student (the primary int8 model, else fp32). A gate
     nothing measured fails, unless the run was `partial` (stopped by --until): then its verdict is None."""
     g = run.gates
-    ev = artifact.extra.get("evaluation")
-    final = artifact.final_onnx()
-    variant = final[0] if final else None
-    stats = (ev or {}).get("variants", {}).get(variant or "", {})
+    ev = artifact.evaluation
+    final = artifact.shipped()
+    variant = artifact.shipped_name()
+    stats = ev.models.get(final.name, {}) if ev is not None and final is not None else {}
     out: list[dict[str, Any]] = []
 
     def gate(name: str, limit: float, value: float | None, ok: bool | None, detail: str) -> None:
@@ -386,7 +387,7 @@ def evaluate_gates(run: RunConfig, artifact: Artifact, partial: bool = False) ->
             g.max_quality_drop,
             drop,
             None if drop is None else drop <= g.max_quality_drop,
-            f"{ev.get('main_metric') if ev else 'quality'} drop {drop if drop is None else round(drop, 4)} "
+            f"{ev.main_metric if ev else 'quality'} drop {drop if drop is None else round(drop, 4)} "
             f"vs limit {g.max_quality_drop}",
         )
     if g.max_latency_ms is not None:
@@ -398,7 +399,7 @@ def evaluate_gates(run: RunConfig, artifact: Artifact, partial: bool = False) ->
         if size is None and final is not None:
             from compress.onnx.runtime import onnx_size_mb
 
-            size = onnx_size_mb(final[1])
+            size = onnx_size_mb(final.path)
         gate("max_size_mb", g.max_size_mb, size, None if size is None else size <= g.max_size_mb,
              f"{size if size is None else round(size, 2)} MB vs limit {g.max_size_mb} MB")
     if g.min_fidelity is not None:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import importlib
 import logging
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from compress.passes.base import Pass
+# The registry holds pass classes (subclasses of compress.passes.base.Pass) by their `type` name and needs
+# nothing else of them: it stays a leaf module, so config, pipeline and the passes import it without a cycle.
+PassClass = type
 
 log = logging.getLogger(__name__)
 
-_PASSES: dict[str, type[Pass]] = {}
+_PASSES: dict[str, PassClass] = {}
 _loaded = False
 
 BUILTIN_MODULES = (
@@ -25,7 +25,7 @@ BUILTIN_MODULES = (
 ENTRY_POINT_GROUP = "compress.passes"
 
 
-def register(cls: type[Pass]) -> type[Pass]:
+def register(cls: PassClass) -> PassClass:
     """Class decorator: make a Pass available under its `type` name."""
     name = getattr(cls, "type", None)
     if not name or not isinstance(name, str):
@@ -59,7 +59,7 @@ def _load() -> None:
             log.warning("could not load pass plug-in '%s' (%s): %s", ep.name, ep.value, err)
 
 
-def get_pass(name: str) -> type[Pass]:
+def get_pass(name: str) -> PassClass:
     _load()
     return _PASSES[name]
 
@@ -69,6 +69,6 @@ def available_types() -> list[str]:
     return sorted(_PASSES)
 
 
-def all_passes() -> dict[str, type[Pass]]:
+def all_passes() -> dict[str, PassClass]:
     _load()
     return dict(sorted(_PASSES.items()))

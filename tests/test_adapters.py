@@ -349,7 +349,7 @@ def test_attention_capture_fails_loudly_without_probabilities() -> None:
     """An attention module that returns no probabilities is an error, not silently empty lists."""
     from compress.errors import CompressError
     from compress.models import FamilySpec, register_family
-    from compress.models.families import _SPECS
+    from compress.models.base import FAMILY_SPECS as _SPECS
 
     model = _build("bert")
     spec = _SPECS["bert"]

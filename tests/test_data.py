@@ -360,9 +360,11 @@ def _tiny_onnx_encoder(path: Path) -> None:
     onnx.save(model, path)
 
 
-def test_calibration_inputs_feed_onnx_runtime_and_static_quantization(tmp_path: Path, tokenizer) -> None:
+def test_calibration_reader_feeds_onnx_runtime_and_static_quantization(tmp_path: Path, tokenizer) -> None:
     import onnxruntime as ort
     from onnxruntime.quantization import QuantFormat, quantize_static
+
+    from compress.onnx.quantize import CalibrationReader
 
     model = tmp_path / "tiny.onnx"
     _tiny_onnx_encoder(model)
@@ -370,20 +372,19 @@ def test_calibration_inputs_feed_onnx_runtime_and_static_quantization(tmp_path: 
     names = [i.name for i in sess.get_inputs()]
     rec = load_records(spec(write_jsonl(tmp_path / "d.jsonl", ROWS)))
     batches = collate.text_batches(rec, tokenizer, batch_size=4, max_length=16, label2id=label_mapping(rec)[0])
-    feeds = collate.calibration_inputs(batches, input_names=names, max_batches=3)
-    assert len(feeds) == 3
+    reader = CalibrationReader.for_model(model, batches, max_batches=3)
+    feeds = list(reader)
+    assert len(feeds) == 3 and len(reader) == 3
     for feed in feeds:
         assert sorted(feed) == sorted(names)  # no labels: only what the graph takes
         assert all(v.dtype == np.int64 for v in feed.values())
         assert sess.run(None, feed)[0].shape == (4, 4)
     # a batch without token_type_ids gets zeros; an input nobody gives is an error
-    no_tt = collate.calibration_inputs([{k: v for k, v in next(iter([feeds[0]])).items() if k != "token_type_ids"}],
-                                       input_names=names, max_batches=1)
+    no_tt = list(CalibrationReader.for_model(model, [{k: v for k, v in feeds[0].items() if k != "token_type_ids"}]))
     assert (no_tt[0]["token_type_ids"] == 0).all()
-    with pytest.raises(InputError, match="takes input 'pixel_values'"):
-        collate.calibration_inputs(iter(feeds), input_names=["pixel_values"], max_batches=1)
+    with pytest.raises(InputError, match="input 'pixel_values' is missing"):
+        list(CalibrationReader(feeds, {"pixel_values": (np.dtype(np.float32), ["b", 3, 8, 8])}))
 
-    reader = collate.CalibrationReader(feeds)
     quantize_static(str(model), str(tmp_path / "q.onnx"), reader, quant_format=QuantFormat.QDQ)
     qsess = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
     ref, got = sess.run(None, feeds[0])[0], qsess.run(None, feeds[0])[0]

@@ -72,6 +72,10 @@ def test_image_classification_digits(tmp_path, tiny_vit_dir):
 
     m = AutoModelForImageClassification.from_pretrained(tmp_path / "out" / "model")
     assert m.config.num_labels == 10
+    # `compress bench` makes image inputs of the graph's channels and side (16x16 here, not the default 224)
+    from compress.cli import main
+
+    assert main(["bench", str(tmp_path / "out" / "student.int8.onnx"), "--runs", "2", "--warmup", "0", "--json"]) == 0
 
 
 def test_feature_extraction(tmp_path, tiny_bert_dir):

@@ -1,10 +1,10 @@
-"""Batches of Records for the model: tokenised text (classification and causal LM), pixel tensors (image
-classification), and numpy input dicts for ONNX Runtime calibration."""
+"""Batches of Records for the model: tokenised text (classification, token classification and causal LM) and
+pixel tensors (image classification)."""
 from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -12,6 +12,7 @@ import torch
 
 from compress.data.sources import Records, label_id
 from compress.errors import InputError
+from compress.tasks import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,22 @@ def _ensure_pad_token(tokenizer: Any) -> None:
         log.info("tokenizer has no pad token; padding with its eos token %r", eos)
 
 
+def _check_text_input(records: Records, tokenizer: Any, batch_size: int) -> None:
+    if records.texts is None:
+        raise InputError(f"{records.source or 'data'}: has no text column; set the data's text field")
+    _check_batch_size(batch_size)
+    _ensure_pad_token(tokenizer)
+
+
+def _check_labels(records: Records, label2id: dict[Any, int] | None) -> bool:
+    """Whether batches carry labels; fails now, not halfway through training, on a label the model does not know."""
+    if label2id is None or records.labels is None:
+        return False
+    for label in set(records.labels):
+        label_id(label2id, label)
+    return True
+
+
 def _labels_tensor(labels: list[Any], label2id: dict[Any, int]) -> torch.Tensor:
     return torch.tensor([label_id(label2id, label) for label in labels], dtype=torch.long)
 
@@ -55,14 +72,8 @@ def text_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Tokenised batches padded to their longest row (truncated to `max_length`): input_ids, attention_mask,
     token_type_ids when the tokenizer makes them, and labels (class ids) when `label2id` is given and the data is labelled."""
-    if records.texts is None:
-        raise InputError(f"{records.source or 'data'}: has no text column; set the data's text field")
-    _check_batch_size(batch_size)
-    _ensure_pad_token(tokenizer)
-    with_labels = label2id is not None and records.labels is not None
-    if with_labels:  # fail now, not halfway through training, on a label the model does not know
-        for label in set(records.labels or []):
-            label_id(label2id or {}, label)
+    _check_text_input(records, tokenizer, batch_size)
+    with_labels = _check_labels(records, label2id)
     order = _order(len(records.texts), shuffle, seed)
 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
@@ -80,6 +91,55 @@ def text_batches(
     return batches()
 
 
+def token_batches(
+    records: Records,
+    tokenizer: Any,
+    *,
+    batch_size: int,
+    max_length: int,
+    label2id: dict[Any, int] | None,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Token-classification batches. Each text is split into words on whitespace and tokenised word by word (a
+    fast tokenizer); with labels (one per word), the first sub-token of a word carries the word's class id and
+    the other sub-tokens, special tokens and padding carry IGNORE_INDEX."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise InputError("token-classification needs a fast tokenizer (it maps sub-tokens to words); "
+                         "save the model with its tokenizer.json")
+    _check_text_input(records, tokenizer, batch_size)
+    words = [text.split() for text in records.texts]
+    with_labels = label2id is not None and records.labels is not None
+    if with_labels:  # fail now, not halfway through training
+        for row, (ws, tags) in enumerate(zip(words, records.labels or [])):
+            if not isinstance(tags, (list, tuple)) or len(tags) != len(ws):
+                n = len(tags) if isinstance(tags, (list, tuple)) else "one"
+                raise InputError(f"{records.source or 'data'}: row {row} has {len(ws)} words but {n} labels; "
+                                 "give one label per whitespace-separated word")
+            for tag in tags:
+                label_id(label2id or {}, tag)
+    order = _order(len(words), shuffle, seed)
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            enc = tokenizer([words[i] for i in idx], is_split_into_words=True, padding=True, truncation=True,
+                            max_length=max_length, return_tensors="pt")
+            batch = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+            if with_labels:
+                rows = []
+                for j, i in enumerate(idx):
+                    tags, previous, row = records.labels[i], None, []  # type: ignore[index]
+                    for word in enc.word_ids(j):
+                        row.append(IGNORE_INDEX if word is None or word == previous else label_id(label2id, tags[word]))  # type: ignore[arg-type]
+                        previous = word
+                    rows.append(row)
+                batch["labels"] = torch.tensor(rows, dtype=torch.long)
+            yield batch
+
+    return batches()
+
+
 def causal_lm_batches(
     records: Records,
     tokenizer: Any,
@@ -91,10 +151,7 @@ def causal_lm_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Language-modelling batches: input_ids, attention_mask, and labels = input_ids with padding set to -100
     (the model shifts them). A tokenizer without a pad token gets its eos token as pad token."""
-    if records.texts is None:
-        raise InputError(f"{records.source or 'data'}: has no text column; set the data's text field")
-    _check_batch_size(batch_size)
-    _ensure_pad_token(tokenizer)
+    _check_text_input(records, tokenizer, batch_size)
     order = _order(len(records.texts), shuffle, seed)
 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
@@ -171,10 +228,7 @@ def image_batches(
         raise InputError(f"image size must be a positive int, not {processor!r}")
     if not isinstance(processor, int) and not callable(processor):
         raise InputError(f"image_batches needs an image processor or an int size, not a {type(processor).__name__}")
-    with_labels = label2id is not None and records.labels is not None
-    if with_labels:
-        for label in set(records.labels or []):
-            label_id(label2id or {}, label)
+    with_labels = _check_labels(records, label2id)
     order = _order(len(records.images), shuffle, seed)
 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
@@ -192,61 +246,3 @@ def image_batches(
             yield batch
 
     return batches()
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-    if arr.dtype == np.bool_ or np.issubdtype(arr.dtype, np.integer):
-        return arr.astype(np.int64)
-    if np.issubdtype(arr.dtype, np.floating):
-        return arr.astype(np.float32)
-    return arr
-
-
-def calibration_inputs(
-    batches: Iterable[dict[str, Any]], *, input_names: list[str], max_batches: int
-) -> list[dict[str, np.ndarray]]:
-    """The first `max_batches` batches as {input name: numpy array} dicts holding exactly the ONNX model's
-    inputs (integers as int64, floats as float32), ready for ONNX Runtime. A missing token_type_ids is zeros."""
-    out: list[dict[str, np.ndarray]] = []
-    if max_batches <= 0:
-        return out
-    for batch in batches:
-        feed: dict[str, np.ndarray] = {}
-        for name in input_names:
-            if name in batch:
-                feed[name] = _to_numpy(batch[name])
-            elif name == "token_type_ids" and "input_ids" in batch:
-                feed[name] = np.zeros_like(_to_numpy(batch["input_ids"]))
-            else:
-                raise InputError(
-                    f"calibration data: the ONNX model takes input '{name}' but the batches give only "
-                    f"{sorted(batch)}; check the model's task and the data's columns"
-                )
-        out.append(feed)
-        if len(out) >= max_batches:
-            break
-    return out
-
-
-class CalibrationReader:
-    """An ONNX Runtime CalibrationDataReader (duck-typed: get_next / rewind) over calibration_inputs' dicts."""
-
-    def __init__(self, inputs: list[dict[str, np.ndarray]]):
-        self.inputs = inputs
-        self._next = 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._next >= len(self.inputs):
-            return None
-        self._next += 1
-        return self.inputs[self._next - 1]
-
-    def rewind(self) -> None:
-        self._next = 0
-
-    def __len__(self) -> int:
-        return len(self.inputs)
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return iter(self.inputs)

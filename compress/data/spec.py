@@ -38,7 +38,9 @@ class DataSpec(BaseModel):
     text_pair: str | None = Field(None, description="Column holding the second text of sentence-pair tasks.")
     label: str | None = Field(
         "label",
-        description="Column holding the class labels (strings or integers); null for unlabelled data. "
+        description="Column holding the class labels (strings or integers; for token-classification a list of "
+        "them, one per whitespace-separated word of the text, or per item when the text column holds a word list); "
+        "null for unlabelled data. "
         "If left at its default and the column is absent, the data is taken as unlabelled.",
     )
     image: str | None = Field(

@@ -309,6 +309,20 @@ class Capture:
         return [self.embedding_output, *self.layer_outputs[:-1], last]
 
 
+# ---------------------------------------------------------------------------------------------------- families
+FAMILY_SPECS: dict[str, FamilySpec] = {}  # model_type -> its table; filled by compress.models.families
+
+
+def register_family(spec: FamilySpec) -> None:
+    """Add (or replace) the structural table of one `model_type`."""
+    FAMILY_SPECS[spec.family] = spec
+
+
+def supported_families() -> list[str]:
+    """The `model_type`s `get_adapter` accepts."""
+    return sorted(FAMILY_SPECS)
+
+
 # ---------------------------------------------------------------------------------------------------- adapter
 
 
@@ -333,8 +347,6 @@ class ModelAdapter:
     def _require(self, root: nn.Module, candidates: Paths, what: str, where: str) -> Any:
         found = first_path(root, candidates)
         if found is None:
-            from compress.models.families import supported_families
-
             raise InputError(
                 f"{self._describe()} is not supported by compress adapters: missing {what} "
                 f"(looked for {where}{' | '.join(candidates)}); supported: {', '.join(supported_families())}"

@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from compress.errors import InputError
-from compress.models.base import LOGICAL_FIELDS, FamilySpec, ModelAdapter
+from compress.models.base import FAMILY_SPECS, LOGICAL_FIELDS, FamilySpec, ModelAdapter, register_family, supported_families
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +80,6 @@ def _llama_like(family: str) -> FamilySpec:
         causal=True,
         config_fields={"num_kv_heads": "num_key_value_heads", "head_dim": "head_dim"},
     )
-
-
-_SPECS: dict[str, FamilySpec] = {}
-
-
-def register_family(spec: FamilySpec) -> None:
-    """Add (or replace) the structural table of one `model_type`."""
-    _SPECS[spec.family] = spec
 
 
 for _spec in (
@@ -158,11 +150,6 @@ for _spec in (
     register_family(_spec)
 
 
-def supported_families() -> list[str]:
-    """The `model_type`s `get_adapter` accepts."""
-    return sorted(_SPECS)
-
-
 def _optimum_names(config: Any, model_type: str) -> dict[str, str]:
     try:
         from optimum.utils import NormalizedConfigManager
@@ -215,7 +202,7 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
             f"model type '{type(model).__name__}' is not supported by compress adapters: missing config.model_type "
             f"(not a Hugging Face transformers model); supported: {', '.join(supported_families())}"
         )
-    spec = _SPECS.get(model_type)
+    spec = FAMILY_SPECS.get(model_type)
     if spec is None:
         raise InputError(
             f"model type '{model_type}' is not supported by compress adapters: missing a family table "

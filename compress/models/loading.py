@@ -12,23 +12,11 @@ import torch
 from torch import nn
 
 from compress.errors import InputError
+from compress.tasks import get_task
 
 log = logging.getLogger(__name__)
 
-# our task names -> the task names optimum's TasksManager knows (its synonyms table does the mapping)
-TASK_SYNONYMS = {
-    "sequence-classification": "text-classification",
-    "feature-extraction": "feature-extraction",
-    "causal-lm": "text-generation",
-    "image-classification": "image-classification",
-}
 PICKLED_MODEL = "model.pt"
-
-
-def auto_class(task: str) -> Any:
-    from optimum.exporters.tasks import TasksManager
-
-    return TasksManager.get_model_class_for_task(TasksManager.map_from_synonym(TASK_SYNONYMS[task]), framework="pt")
 
 
 def resolve_source(path: str, base_dir: Path) -> tuple[str, str]:
@@ -88,9 +76,12 @@ def load_model(
     folder = Path(source)
     if (folder / PICKLED_MODEL).is_file() and not (folder / "config.json").is_file():
         return torch.load(folder / PICKLED_MODEL, weights_only=False)
-    cls = auto_class(task)
+    if folder.is_dir():
+        check_weight_files(folder)
+    spec = get_task(task)
+    cls = spec.auto_class()
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
-    if label2id is not None and task in ("sequence-classification", "image-classification"):
+    if label2id is not None and spec.has_classes:
         kwargs.update(
             num_labels=len(label2id),
             label2id=dict(label2id),
@@ -106,6 +97,29 @@ def load_model(
         raise InputError(f"model.path: cannot load '{source}': {str(err).splitlines()[0]}") from None
     except ValueError as err:
         raise InputError(f"model.path: '{source}' does not fit task: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # noqa: BLE001 - a weights file the loader cannot read is bad input, not our bug
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise InputError(f"model.path: cannot read the weights in '{source}' ({_first_line(err)}); "
+                         "the file is damaged or truncated: download or save it again") from None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def check_weight_files(folder: Path) -> None:
+    """InputError naming the first `*.safetensors` file in `folder` whose header does not describe its bytes (a
+    truncated download or copy); reads the headers only."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise InputError(f"{f}: not a readable safetensors file ({_first_line(err)}); it is damaged or "
+                             "truncated: download or save the model again") from None
 
 
 def quiet_transformers() -> None:

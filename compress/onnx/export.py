@@ -16,18 +16,12 @@ from torch import nn
 
 from compress.errors import CompressError, InputError
 from compress.onnx.runtime import atomic_onnx_path, load_model, make_session, quiet_logs, write_proto
+from compress.tasks import get_task
 
 log = logging.getLogger(__name__)
 
-TASK_OUTPUT = {
-    "sequence-classification": "logits",
-    "image-classification": "logits",
-    "causal-lm": "logits",
-    "feature-extraction": "last_hidden_state",
-}
 # the graph inputs export_onnx knows how to name; anything else in example_inputs is an error
 EXPORT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
-VISION_TASKS = ("image-classification",)
 # loggers whose INFO/WARNING chatter (e.g. "torchvision is not installed", every pass of the graph optimizer)
 # is silenced during one export / fusion; errors still show
 EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir")
@@ -44,7 +38,7 @@ class OnnxExportError(CompressError):
 
 def select_output(out: Any, task: str) -> torch.Tensor:
     """The task's output tensor from whatever a model returns (HF ModelOutput, dict, tuple or a tensor)."""
-    key = TASK_OUTPUT[task]
+    key = get_task(task).output
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, Mapping):
@@ -106,11 +100,6 @@ def accepted_inputs(model: nn.Module, names: list[str]) -> list[str]:
     return [n for n in names if n in explicit]
 
 
-def _check_task(task: str) -> None:
-    if task not in TASK_OUTPUT:
-        raise InputError(f"model.task: '{task}' is not one of {', '.join(TASK_OUTPUT)}")
-
-
 def _max_positions(model: nn.Module) -> int | None:
     cfg = getattr(model, "config", None)
     for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
@@ -123,7 +112,7 @@ def _max_positions(model: nn.Module) -> int | None:
 def _dynamic_shapes(model: nn.Module, inputs: Mapping[str, torch.Tensor], task: str) -> dict[str, dict[int, Any]]:
     batch = torch.export.Dim("batch")
     shapes: dict[str, dict[int, Any]] = {}
-    if task in VISION_TASKS:
+    if get_task(task).modality == "image":
         return {name: {0: batch} for name in inputs}
     max_len = _max_positions(model)
     seq = torch.export.Dim("sequence", max=max_len) if max_len else torch.export.Dim("sequence")
@@ -151,11 +140,11 @@ def export_onnx(
     """Export `model` to ONNX at `path` (written atomically) and return the path.
 
     The graph's inputs are the keys of `example_inputs` (any of EXPORT_INPUTS), its single output is the
-    task output named TASK_OUTPUT[task] (causal LMs without a KV cache). With `dynamic`, axis 0 is a dynamic
+    task output named as the task table says (compress.tasks) (causal LMs without a KV cache). With `dynamic`, axis 0 is a dynamic
     `batch` axis and, for text, axis 1 a dynamic `sequence` axis. The model is exported in eval mode and
     left in the mode it was in. `optimize` runs onnxscript's graph optimizer (constant folding, cleanup).
     `strip_metadata` drops the exporter's per-node debug metadata (stack traces, module paths: ~2.5 kB a node)."""
-    _check_task(task)
+    out_name = get_task(task).output
     path = Path(path)
     if not example_inputs:
         raise InputError("export: example_inputs is empty; give at least input_ids (text) or pixel_values (vision)")
@@ -172,7 +161,6 @@ def export_onnx(
     inputs = {k: torch.as_tensor(example_inputs[k]).to(device) for k in keep}
     wrapper = TaskOutputModule(model, task)
     shapes = _dynamic_shapes(model, inputs, task) if dynamic else None
-    out_name = TASK_OUTPUT[task]
     was_training = model.training
     model.eval()
     wrapper.eval()

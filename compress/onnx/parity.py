@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from compress.errors import InputError
-from compress.onnx.export import TASK_OUTPUT, TaskOutputModule
+from compress.onnx.export import TaskOutputModule
 from compress.onnx.runtime import make_session, run_session
+from compress.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,7 @@ def check_parity(
     """Run the PyTorch model (eval mode, no grad) and the ONNX model on the same inputs and compare the task
     output: ok when the largest absolute difference is <= atol and the cosine similarity >= min_cosine.
     For per-token outputs, positions masked out by `attention_mask` are left out. NaN/inf fails."""
-    if task not in TASK_OUTPUT:
-        raise InputError(f"model.task: '{task}' is not one of {', '.join(TASK_OUTPUT)}")
+    output = get_task(task).output
     session = make_session(Path(onnx_path), provider=provider, threads=threads)
     declared = [i.name for i in session.get_inputs()]
     # PyTorch gets exactly what the graph gets, so that both compute the same function
@@ -88,7 +88,7 @@ def check_parity(
     ref = ref_t.detach().float().cpu().numpy()
 
     outs = run_session(session, {k: v.cpu().numpy() for k, v in feed.items()})
-    name = TASK_OUTPUT[task] if TASK_OUTPUT[task] in outs else next(iter(outs))
+    name = output if output in outs else next(iter(outs))
     got = outs[name].astype(np.float32)
     if got.shape != ref.shape:
         return ParityResult(float("inf"), 0.0, False, name)

@@ -3,6 +3,7 @@ run time) and static QDQ (calibrated on real batches). Outputs are written atomi
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import tempfile
@@ -79,13 +80,22 @@ def quantize_dynamic_int8(
     return dst
 
 
-class BatchReader(CalibrationDataReader):
-    """Feeds calibration batches to ORT's calibrator: only the graph's inputs, in its dtypes."""
+class CalibrationReader(CalibrationDataReader):
+    """The calibration reader: feeds batches (dicts of torch tensors or numpy arrays, as the collate functions
+    make them) to ORT's calibrator as exactly the graph's inputs, in its dtypes. Labels and other extra keys are
+    dropped, a missing attention_mask (ones) or token_type_ids (zeros) is filled in, any other missing input is
+    an InputError that names it."""
 
-    def __init__(self, batches: Sequence[Mapping[str, Any]], specs: Mapping[str, tuple[np.dtype | None, list[Any]]]):
-        self.batches = batches
+    def __init__(self, batches: Iterable[Mapping[str, Any]], specs: Mapping[str, tuple[np.dtype | None, list[Any]]],
+                 max_batches: int | None = None):
+        self.batches = list(itertools.islice(batches, max_batches))
         self.specs = specs
         self._i = 0
+
+    @classmethod
+    def for_model(cls, path: Path, batches: Iterable[Mapping[str, Any]], max_batches: int | None = None) -> CalibrationReader:
+        """A reader shaped by the inputs the ONNX file at `path` declares."""
+        return cls(batches, _graph_input_specs(onnx.load(str(path), load_external_data=False)), max_batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._i >= len(self.batches):
@@ -99,6 +109,10 @@ class BatchReader(CalibrationDataReader):
 
     def __len__(self) -> int:
         return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        """The prepared feeds, without moving the reader."""
+        return (prepare_feed(b, self.specs) for b in self.batches)
 
 
 def _graph_input_specs(model: onnx.ModelProto) -> dict[str, tuple[np.dtype | None, list[Any]]]:
@@ -139,7 +153,7 @@ def _pre_process(src: Path, dst: Path, external: bool) -> bool:
 ENTROPY_BINS = 512  # histogram bins for the KL (entropy) threshold search; 128 quantized bins (int8)
 
 
-def _entropy_ranges(model: Path, ops: list[str] | None, reader: BatchReader, folder: Path, external: bool) -> Path:
+def _entropy_ranges(model: Path, ops: list[str] | None, reader: CalibrationReader, folder: Path, external: bool) -> Path:
     """Entropy (KL) calibration with a histogram finer than the quantized one, saved as ORT's calibration cache.
 
     quantize_static cannot pass histogram sizes to its entropy calibrator, whose defaults (128 bins, 128
@@ -192,8 +206,7 @@ def quantize_static_qdq(
         model_in = clean
         if pre_process and _pre_process(clean, folder / "pre.onnx", external):
             model_in = folder / "pre.onnx"
-        specs = _graph_input_specs(onnx.load(str(model_in), load_external_data=False))
-        reader = BatchReader(batches, specs)
+        reader = CalibrationReader.for_model(model_in, batches)
         ops = list(op_types) if op_types else None
         extra: dict[str, Any] = {}
         cache: Path | None = None

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from compress.artifact import Artifact
+from compress.contracts import Kind
 
 if TYPE_CHECKING:
     from compress.config import RunConfig
@@ -34,12 +35,18 @@ class PassConfig(BaseModel):
 
 class Pass:
     """A pipeline step. Subclasses set `type`, `Config` (a PassConfig) and `version` (bump it whenever
-    the pass's output for the same inputs changes: it is part of the cache key) and implement `run`."""
+    the pass's output for the same inputs changes: it is part of the cache key) and implement `run`.
+    `consumes`, `refuses`, `produces` and `drops` declare what the pass needs in its input artifact, what it
+    cannot take, what it adds and what it removes (compress.contracts checks a pipeline's order from them)."""
 
     type: ClassVar[str]
     Config: ClassVar[type[PassConfig]] = PassConfig
     version: ClassVar[str] = "1"
     uses_data: ClassVar[tuple[str, ...]] = ()  # which data splits this pass reads (for the cache key)
+    consumes: ClassVar[tuple[Kind, ...]] = ()
+    refuses: ClassVar[tuple[Kind, ...]] = ()
+    produces: ClassVar[tuple[Kind, ...]] = ()
+    drops: ClassVar[tuple[Kind, ...]] = ()
 
     def __init__(self, config: PassConfig):
         self.config = config

@@ -1,4 +1,4 @@
-"""Helpers the built-in passes share: task-aware batching of a data split, example inputs."""
+"""Helpers the built-in passes share: task-aware batching of a data split (shaped by the task table), example inputs."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -8,11 +8,14 @@ import torch
 from torch import nn
 
 from compress.passes.base import PassContext
+from compress.tasks import get_task, mean_pool
+
+__all__ = ["first_split", "label_ids", "mean_pool", "model_inputs", "task_batches", "train_seed"]
 
 
 def label_ids(ctx: PassContext) -> dict[Any, int] | None:
     """Data label -> class id, as the teacher was set up at load time (sorted labels of the data)."""
-    if ctx.run.model.task not in ("sequence-classification", "image-classification"):
+    if not get_task(ctx.run.model.task).has_classes:
         return None
     return ctx.data.label2id()
 
@@ -35,12 +38,15 @@ def task_batches(
     records = ctx.data.records(split)
     if limit is not None:
         records = _head(records, limit)
-    task = ctx.run.model.task
+    task = get_task(ctx.run.model.task)
     length = max_length or ctx.run.model.max_length
-    if task == "causal-lm":
+    if task.labels == "next-token":
         return collate.causal_lm_batches(records, preprocessor, batch_size=batch_size, max_length=length,
                                          shuffle=shuffle, seed=seed)
-    if task == "image-classification":
+    if task.labels == "token-class":
+        return collate.token_batches(records, preprocessor, batch_size=batch_size, max_length=length,
+                                     label2id=label_ids(ctx), shuffle=shuffle, seed=seed)
+    if task.modality == "image":
         size: Any = preprocessor
         if preprocessor is None and model is not None:
             size = int(getattr(model.config, "image_size", 224))
@@ -68,14 +74,6 @@ def train_seed(cfg: Any, ctx: PassContext) -> int:
     """The seed a training pass trains with: its own `seed` when the config sets one, else the pass's seed
     derived from the run's seed and the pass label."""
     return int(cfg.seed) if "seed" in cfg.model_fields_set else ctx.seed
-
-
-def mean_pool(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of the token states over the valid (mask = 1) positions: a sentence embedding."""
-    if mask is None:
-        return h.mean(1)
-    m = mask.unsqueeze(-1).to(h.dtype)
-    return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 def first_split(ctx: PassContext, *splits: str) -> str | None:

@@ -7,11 +7,13 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from compress.artifact import Artifact
+from compress.artifact import Artifact, ModelFile
+from compress.contracts import Kind
 from compress.errors import PassFailed
 from compress.passes.base import Pass, PassConfig, PassContext
 from compress.passes.common import first_split, model_inputs, task_batches
 from compress.registry import register
+from compress.tasks import get_task
 
 FUSION_MODEL_TYPES = {"bert": "bert", "roberta": "bert", "distilbert": "bert", "vit": "vit", "gpt2": "gpt2"}
 
@@ -30,13 +32,8 @@ def sample_inputs(ctx: PassContext, model: Any, pre: Any, n: int, max_length: in
     if split is not None:
         batch = next(iter(task_batches(ctx, split, pre, batch_size=n, max_length=max_length, limit=n, model=model)))
         return model_inputs(batch)
-    cfg = model.config
-    if ctx.run.model.task == "image-classification":
-        size = int(getattr(cfg, "image_size", 224))
-        return {"pixel_values": torch.randn(n, int(getattr(cfg, "num_channels", 3)), size, size)}
-    g = torch.Generator().manual_seed(ctx.seed)
-    ids = torch.randint(0, int(cfg.vocab_size), (n, max_length), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    synthetic = get_task(ctx.run.model.task).synthetic_inputs(model.config, batch_size=n, seq_len=max_length, seed=ctx.seed)
+    return {k: torch.from_numpy(v) for k, v in synthetic.items()}
 
 
 @register
@@ -45,8 +42,11 @@ class Export(Pass):
 
     type = "export"
     Config = ExportConfig
-    version = "1"
+    version = "2"  # 2: typed model-file records in the artifact
     uses_data = ("eval", "calibration", "train")
+    consumes = (Kind.TORCH_STUDENT,)
+    produces = (Kind.ONNX, Kind.ONNX_FP32)
+    drops = (Kind.ONNX_QUANTIZED, Kind.EVALUATION)  # the models (and their evaluation) of an older student
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
         from compress.onnx.export import export_onnx, optimize_onnx
@@ -87,6 +87,5 @@ class Export(Pass):
             final.unlink(missing_ok=True)
             raw.replace(final)
         ctx.metrics.update(fused=fused, size_mb=onnx_size_mb(final), opset=cfg.opset)
-        onnx = {k: v for k, v in artifact.onnx.items() if k == "fp32"}
-        onnx["fp32"] = final
-        return artifact.replace(onnx=onnx)
+        # the new fp32 graph replaces every ONNX model made before (they came from an older student)
+        return artifact.replace(models=[ModelFile(final, precision="fp32", method="export")], evaluation=None)

@@ -7,7 +7,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from compress.artifact import Artifact
+from compress.artifact import Artifact, ModelFile
+from compress.contracts import Kind
 from compress.errors import InputError
 from compress.passes.base import Pass, PassConfig, PassContext
 from compress.passes.common import first_split, model_inputs, task_batches
@@ -38,8 +39,11 @@ class PTQ(Pass):
 
     type = "ptq"
     Config = PTQConfig
-    version = "3"
+    version = "4"  # 4: typed model-file records in the artifact
     uses_data = ("calibration", "train")
+    consumes = (Kind.ONNX_FP32,)
+    refuses = (Kind.ONNX_QUANTIZED,)  # a graph that already holds Q/DQ (ptq, qat) is not quantized again
+    produces = (Kind.ONNX_QUANTIZED,)
 
     def validate(self, run: Any) -> str | None:
         cfg: PTQConfig = self.config  # type: ignore[assignment]
@@ -55,22 +59,26 @@ class PTQ(Pass):
         from compress.onnx.runtime import make_session, onnx_size_mb, run_session
 
         cfg: PTQConfig = self.config  # type: ignore[assignment]
-        if "fp32" not in artifact.onnx:
-            raise InputError(f"passes: '{ctx.label}' needs an ONNX model; put {{type: export}} before it")
-        src = artifact.onnx["fp32"]
-        onnx = dict(artifact.onnx)
-        calib: list[dict[str, np.ndarray]] | None = None
+        fp32 = artifact.fp32_onnx()
+        if fp32 is None:
+            raise InputError(f"passes: '{ctx.label}' needs an fp32 ONNX model; put {{type: export}} before it")
+        done = [m.name for m in artifact.models if m.quantized]
+        if done:
+            raise InputError(f"passes: '{ctx.label}': the artifact already holds quantized models ({', '.join(done)}); "
+                             "quantizing again is not supported")
+        src = fp32.path
+        calib: list[dict[str, Any]] | None = None
         # calibration inputs: static calibration, and a fidelity check of each int8 model against fp32
         split = first_split(ctx, "calibration", "train")
         if split is not None:
             pre = ctx.load_preprocessor(artifact)
             model = ctx.load_student(artifact) if ctx.run.model.task == "image-classification" else None
             calib = [
-                {k: v.numpy() for k, v in model_inputs(b).items()}
+                model_inputs(b)
                 for b in task_batches(ctx, split, pre, batch_size=cfg.batch_size, limit=cfg.calibration_examples, model=model)
             ]
         op_types = ("MatMul", "Gemm", "Gather") if cfg.quantize_embeddings else ("MatMul", "Gemm")
-        made: dict[str, Any] = {}
+        made: dict[str, Any] = {}  # method -> path
         with ctx.progress.task(f"{ctx.label}: quantizing", total=len(cfg.methods)) as bar:
             for method in cfg.methods:
                 dst = ctx.out_dir / f"student.int8-{method}.onnx"
@@ -81,9 +89,9 @@ class PTQ(Pass):
                     quantize_static_qdq(src, dst, calib, per_channel=cfg.per_channel, method=cfg.calibration,
                                         op_types=op_types, activations=cfg.activations)
                 made[method] = dst
-                onnx[f"int8-{method}"] = dst
                 bar.advance()
-        onnx["int8"] = made[cfg.primary]
+        models = [*artifact.models, *(ModelFile(path, precision="int8", method=method, shipped=method == cfg.primary)
+                                      for method, path in made.items())]
         # fidelity of each int8 model to the fp32 one on the calibration inputs
         if calib:
             ref_sess = make_session(src)
@@ -96,5 +104,5 @@ class PTQ(Pass):
         for method, path in made.items():
             ctx.metrics[f"{method}_size_mb"] = onnx_size_mb(path)
         ctx.metrics["fp32_size_mb"] = onnx_size_mb(src)
-        return artifact.replace(onnx=onnx)
+        return artifact.replace(models=models)
 

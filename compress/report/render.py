@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from compress.artifact import Artifact
     from compress.config import RunConfig
-    from compress.pipeline import StepRecord
+    from compress.report.records import StepRecord
 
 REPORT_SCHEMA = 1
 DEPENDENCIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "optimum", "numpy", "triton")
@@ -44,7 +44,7 @@ def build_report(
     error: str | None,
     started: float,
 ) -> dict[str, Any]:
-    final = artifact.final_onnx() if artifact else None
+    final = artifact.shipped() if artifact else None
     return {
         "schema": REPORT_SCHEMA,
         "name": run.name,
@@ -71,8 +71,8 @@ def build_report(
             }
             for r in records
         ],
-        "evaluation": (artifact.extra.get("evaluation") if artifact else None),
-        "final_student": {"variant": final[0], "file": onnx_file_name(final[0])} if final else None,
+        "evaluation": artifact.evaluation.report(final) if artifact and artifact.evaluation else None,
+        "final_student": {"variant": final.precision, "file": onnx_file_name(final.precision)} if final else None,
         "gates": gates,
         "versions": versions(),
     }
@@ -102,8 +102,10 @@ def _atomic_copy(src: Path, dst: Path) -> None:
 def write_outputs(out: Path, report: dict[str, Any], artifact: Artifact | None, records: list[StepRecord]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if artifact is not None:
-        for variant, path in artifact.onnx.items():
-            _atomic_copy(Path(path), out / onnx_file_name(variant))
+        for m in artifact.models:
+            _atomic_copy(Path(m.path), out / onnx_file_name(m.name))
+            if m.shipped:
+                _atomic_copy(Path(m.path), out / onnx_file_name(m.precision))
         if artifact.model_dir is not None and report["status"] in ("passed", "gate_failed"):
             _atomic_copy(Path(artifact.model_dir), out / "model")
     plots = write_plots(out, report, records)
