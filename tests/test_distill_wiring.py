@@ -278,7 +278,7 @@ def test_optima_reward_is_the_relative_decrease_of_the_reference_loss(tmp_path, 
 
 
 def test_8bit_teacher_is_quantized(tmp_path, bert4, wiring_data):
-    from compress.distill.trainer import prepare_teacher
+    from compress.distill.teacher import prepare_teacher
 
     metrics, _, teacher, batch = run_distill(tmp_path, bert4, wiring_data, {
         "student_layers": 2, "teacher_quantization": "8bit", "weights": {"logit": 1.0, "hidden": 0.0}})

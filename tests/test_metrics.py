@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 
-from compress.passes.evaluate import _score
+from compress.tasks import get_task
 
 
 def _logits_with_argmax(preds: np.ndarray, n_classes: int, seed: int) -> torch.Tensor:
@@ -32,7 +32,7 @@ def test_classification_scores_match_sklearn(task: str) -> None:
     batches = [{"labels": torch.as_tensor(labels[a:b])} for a, b in zip(cuts, cuts[1:])]
     s_out = [_logits_with_argmax(preds[a:b], k, seed=a) for a, b in zip(cuts, cuts[1:])]
     t_out = [_logits_with_argmax(tpreds[a:b], k, seed=100 + a) for a, b in zip(cuts, cuts[1:])]
-    got = _score(task, batches, s_out, t_out)
+    got = get_task(task).score(batches, s_out, t_out)
     acc, f1, fid = accuracy_score(labels, preds), f1_score(labels, preds, average="macro"), accuracy_score(tpreds, preds)
     # the three references differ, so a metric computed from the wrong pair of vectors cannot pass
     assert len({round(acc, 6), round(f1, 6), round(fid, 6), round(accuracy_score(labels, tpreds), 6)}) == 4
@@ -58,14 +58,14 @@ def test_retrieval_agreement_and_cosine_on_a_hand_built_case() -> None:
     # rows scaled differently: cosine and nearest neighbours do not change, a normalisation over the wrong
     # dimension (or none) would
     s, t = tokens(student * np.array([[1.0], [3.0], [0.5], [10.0]])), tokens(teacher * np.array([[2.0], [1.0], [7.0], [1.0]]))
-    got = _score("feature-extraction", batches, [s[:2], s[2:]], [t[:2], t[2:]])
+    got = get_task("feature-extraction").score(batches, [s[:2], s[2:]], [t[:2], t[2:]])
     assert got["retrieval_agreement"] == pytest.approx(0.75)
     cos = (student * teacher).sum(1) / np.linalg.norm(student, axis=1) / np.linalg.norm(teacher, axis=1)
     assert got["cosine"] == pytest.approx(float(cos.mean()), rel=1e-6)
     assert got["fidelity"] == got["cosine"]
-    same = _score("feature-extraction", batches, [t[:2], t[2:]], [t[:2], t[2:]])
+    same = get_task("feature-extraction").score(batches, [t[:2], t[2:]], [t[:2], t[2:]])
     assert same["retrieval_agreement"] == 1.0 and same["cosine"] == pytest.approx(1.0)
-    one = _score("feature-extraction", batches[:1], [s[:1]], [t[:1]])  # a single item has no neighbour
+    one = get_task("feature-extraction").score(batches[:1], [s[:1]], [t[:1]])  # a single item has no neighbour
     assert one["retrieval_agreement"] == 1.0
 
 
@@ -94,7 +94,7 @@ def test_perplexity_is_the_exponent_of_the_models_own_loss(tiny_gpt2_dir) -> Non
             nll += float(out.loss) * n
             count += n
             outs.append(out.logits)
-    got = _score("causal-lm", batches, outs, outs)
+    got = get_task("causal-lm").score(batches, outs, outs)
     assert got["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
     assert got["fidelity"] == 1.0
 
@@ -110,11 +110,11 @@ def test_causal_lm_fidelity_counts_the_predicted_positions() -> None:
         x[0, torch.arange(4), torch.tensor(pred)] = 5.0
         return x
 
-    got = _score("causal-lm", [{"labels": labels}], [logits(s_pred)], [logits(t_pred)])
+    got = get_task("causal-lm").score([{"labels": labels}], [logits(s_pred)], [logits(t_pred)])
     assert got["fidelity"] == pytest.approx(1 / 2)  # scored positions 0 and 1 (labels[1], labels[2])
     # perplexity of these logits on tokens 4 and 1, by hand
     lp = torch.log_softmax(logits(s_pred)[0], -1)
     assert got["perplexity"] == pytest.approx(math.exp(-(lp[0, 4] + lp[1, 1]).item() / 2), rel=1e-6)
     # one scored position: no floor on the count other than 1
-    one = _score("causal-lm", [{"labels": torch.tensor([[2, 1, -100, -100]])}], [logits(s_pred)], [logits(t_pred)])
+    one = get_task("causal-lm").score([{"labels": torch.tensor([[2, 1, -100, -100]])}], [logits(s_pred)], [logits(t_pred)])
     assert one["fidelity"] == 1.0 and one["perplexity"] == pytest.approx(math.exp(-lp[0, 1].item()), rel=1e-6)

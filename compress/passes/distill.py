@@ -18,6 +18,7 @@ import torch
 from pydantic import Field
 
 from compress.artifact import Artifact
+from compress.contracts import Kind
 from compress.distill.objective import LogitLoss, LossWeights, ObjectiveConfig
 from compress.distill.schedule import ScheduleConfig, make_scheduler, plot_schedule, relative_decrease
 from compress.distill.teacher import TeacherConfig
@@ -84,6 +85,8 @@ class Distill(Pass):
     # adapted from the logit term (it was the total loss)
     version = "2"
     uses_data = ("train", "eval")
+    consumes = (Kind.TORCH_STUDENT, Kind.TEACHER)
+    produces = (Kind.TORCH_STUDENT,)
 
     def validate(self, run: Any) -> str | None:
         cfg: DistillConfig = self.config  # type: ignore[assignment]

@@ -6,10 +6,11 @@ from typing import Any
 from pydantic import Field
 
 from compress.artifact import Artifact
-from compress.train.trainer import TrainConfig
+from compress.contracts import Kind
 from compress.passes.base import Pass, PassContext
 from compress.passes.common import task_batches, train_seed
 from compress.registry import register
+from compress.train.trainer import TrainConfig
 
 
 class FinetuneConfig(TrainConfig):
@@ -27,6 +28,8 @@ class Finetune(Pass):
     Config = FinetuneConfig
     version = "1"
     uses_data = ("train",)
+    consumes = (Kind.TORCH_STUDENT,)
+    produces = (Kind.TORCH_STUDENT, Kind.TEACHER)  # the fine-tuned model is the teacher of what follows
 
     def validate(self, run: Any) -> str | None:
         return None if run.data.train is not None else "finetune needs data.train"
