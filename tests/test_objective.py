@@ -161,3 +161,37 @@ def test_bad_weights_and_heads_are_input_errors():
         obj(batch())
     with pytest.raises(InputError, match=r"fused_lm_head: the student's LM head has a bias|no LM head weight"):
         DistillObjective(student, teacher, ObjectiveConfig(fused_lm_head=True), task="sequence-classification")
+
+
+def test_token_classification_scores_each_labelled_token():
+    """NER: one distribution per token, and only the tokens that carry a label (a word's first sub-token) count;
+    padding and the -100 positions do not, however their logits move. Checked against a float64 mean of
+    per-token KLs computed here."""
+    from transformers import BertConfig, BertForTokenClassification
+
+    def ner_bert(layers: int, hidden: int, seed: int):
+        torch.manual_seed(seed)
+        return BertForTokenClassification(BertConfig(
+            vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+            intermediate_size=2 * hidden, max_position_embeddings=32, num_labels=5, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0, initializer_range=0.5))
+
+    student, teacher = ner_bert(1, 16, seed=1), prepare_teacher(ner_bert(2, 32, seed=0))
+    b = batch(labels=False)
+    labels = torch.randint(0, 5, b["input_ids"].shape, generator=torch.Generator().manual_seed(4))
+    labels[b["attention_mask"] == 0] = -100
+    labels[:, 0] = -100  # [CLS]
+    labels[:, 3] = -100  # a later sub-token
+    b["labels"] = labels
+    obj = DistillObjective(student, teacher, ObjectiveConfig(temperature=2.0, weights={"logit": 1.0, "hidden": 0.0}),
+                           task="token-classification")
+    got = obj(b).terms["logit"]
+    with torch.no_grad():
+        s, t = student(**{k: b[k] for k in ("input_ids", "attention_mask")}).logits.double() / 2.0, \
+            teacher(**{k: b[k] for k in ("input_ids", "attention_mask")}).logits.double() / 2.0
+    keep = labels != -100
+    p, log_q = t[keep].softmax(-1), s[keep].log_softmax(-1)
+    expect = (p * (p.log() - log_q)).sum(-1).mean() * 4.0
+    assert got.item() == pytest.approx(expect.item(), rel=1e-5)
+    every_token = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean() * 4.0
+    assert abs(every_token.item() - expect.item()) > 1e-3 * expect.item()  # the mask matters here

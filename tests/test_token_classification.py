@@ -125,3 +125,31 @@ def test_ner_pipeline_finetune_export_ptq_evaluate(tmp_path: Path, tiny_bert_dir
     logits = sess.run(None, {"input_ids": np.ones((2, 9), np.int64), "attention_mask": np.ones((2, 9), np.int64),
                              "token_type_ids": np.zeros((2, 9), np.int64)})[0]
     assert logits.shape == (2, 9, 3)  # one score per token and tag
+
+
+def test_ner_distill_into_a_shallower_student(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    """finetune -> distill (one of the two layers, the logit loss per labelled token) -> export -> evaluate: the
+    student keeps the tags the teacher learnt."""
+    d = tmp_path / "data"
+    d.mkdir()
+    for name, n, seed in (("train", 160, 1), ("eval", 32, 2)):
+        write_jsonl(d / f"{name}.jsonl", ner_rows(n, seed))
+    spec = {"text": "tokens", "label": "ner_tags"}
+    cfg = make_config(
+        tmp_path, tiny_bert_dir, d,
+        passes=[{"type": "finetune", "epochs": 4, "batch_size": 16, "lr": 3e-3},
+                {"type": "distill", "student_layers": 1, "epochs": 3, "batch_size": 16, "lr": 3e-3,
+                 "weights": {"logit": 1.0, "hidden": 0.0}},
+                {"type": "export"}, {"type": "evaluate", "batch_size": 16}],
+        data={split: {"path": str(d / f"{f}.jsonl"), **spec} for split, f in (("train", "train"), ("eval", "eval"))},
+    )
+    cfg.write_text(cfg.read_text().replace("sequence-classification", "token-classification"))
+    assert main(["run", str(cfg), "-q"]) == 0
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    ev = rep["evaluation"]
+    tags = [t for r in ner_rows(32, 2) for t in r["ner_tags"]]
+    majority = max(tags.count(t) for t in set(tags)) / len(tags)
+    assert rep["passes"][1]["metrics"]["student_layers"] == 1
+    assert ev["variants"]["fp32"]["params"] < ev["teacher"]["params"]
+    assert ev["variants"]["fp32"]["accuracy"] > majority + 0.1
+    assert ev["variants"]["fp32"]["fidelity"] > 0.8

@@ -10,7 +10,8 @@ attention probabilities, attention sub-layer outputs, Q/K/V. The terms, named as
 
 - `logit`: the logit loss (`logit_loss`: forward/reverse KL, JSD, skew KL, skew reverse KL, TAID) through
   the one dispatch of compress.distill.losses (Triton kernel or PyTorch reference); for a causal LM the
-  positions that predict a next token; with `fused_lm_head`, through both LM heads in chunks of rows.
+  positions that predict a next token; for token classification (NER) each token that carries a label (a
+  word's first sub-token); with `fused_lm_head`, through both LM heads in chunks of rows.
 - `ce`: the student's own hard-label cross-entropy (the Hugging Face loss).
 - `hidden`: MSE, 1 - cosine or TED filters between mapped hidden states (a trained `HiddenProjector` when the
   widths differ), averaged over the layer pairs.
@@ -39,6 +40,7 @@ from compress.distill.mapping import MappingConfig, Pair, dynamic_map
 from compress.distill.teacher import TeacherCache
 from compress.errors import InputError
 from compress.passes.common import mean_pool, model_inputs
+from compress.tasks import get_task
 
 LogitLoss = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "taid"]
 
@@ -248,9 +250,13 @@ class DistillObjective:
     def logit_term(self, s_logits: Tensor, t_logits: Tensor, labels: Tensor | None) -> Tensor:
         """The configured logit loss between student and teacher logits (TAID at its current t)."""
         cfg = self.cfg
-        if self.task == "causal-lm":  # position t predicts token t+1; score the positions with a label
+        per_position = get_task(self.task).labels
+        if per_position == "next-token":  # position t predicts token t+1; score the positions with a label
             s_logits, t_logits = s_logits[:, :-1], t_logits[:, :-1]
             labels = labels[:, 1:] if labels is not None else None
+        if per_position in ("next-token", "token-class"):  # one distribution per position, not per example
+            # token classification: the positions that carry a label (each word's first sub-token; padding,
+            # special tokens and later sub-tokens hold -100)
             s_logits = s_logits.reshape(-1, s_logits.shape[-1])
             t_logits = t_logits.reshape(-1, t_logits.shape[-1])
             labels = labels.reshape(-1) if labels is not None else None
