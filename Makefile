@@ -42,7 +42,7 @@ test-slow: install-test
 # Mutation testing (docs/testing.md), on demand, not in CI. mutmut copies the tree to mutants/ and, per mutant,
 # runs the tests of [tool.mutmut] in pyproject.toml that reach the mutated function. One module at a time:
 # `make mutation MUTANTS='compress.distill.schedule.*'`. The pipeline is scoped to its cache-key code.
-MUTANTS ?= compress.distill.losses.* compress.passes.evaluate.* compress.distill.schedule.* \
+MUTANTS ?= compress.distill.losses.* compress.passes.evaluate.* compress.tasks.* compress.distill.schedule.* \
 	compress.pipeline.x__hash_path* compress.pipeline.xǁPipelineǁ_step* compress.pipeline.xǁPipelineǁ_load_teacher*
 mutation: install-mutation
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run $(foreach m,$(MUTANTS),'$(m)')  # one thread: torch's pool deadlocks in forked children
