@@ -489,7 +489,7 @@ class Trainer:
             _seed_everything(cfg.seed)
         for module in self._modules().values():
             module.train()
-        use_autocast = cfg.bf16 and self.device.type == "cuda"
+        use_autocast = self._autocast
         stream = self._batches()
         with self._progress_task() as report:
             while self.step < self.total_steps:
@@ -551,6 +551,11 @@ class Trainer:
             dist.barrier()
         return self._result()
 
+    @property
+    def _autocast(self) -> bool:
+        """bf16 autocast for the forward passes: asked for, and on CUDA (the CPU trains in fp32)."""
+        return self.cfg.bf16 and self.device.type == "cuda"
+
     def _result(self) -> dict[str, Any]:
         """What was trained and how: the curves, and where (device, autocast dtype, process group backend and
         size) so that a run's report shows which path it took."""
@@ -567,7 +572,7 @@ class Trainer:
             "term_curves": {k: list(v) for k, v in self.term_curves.items()},
             "resumed_from": self.resumed_from,
             "device": str(self.device),
-            "autocast": "bf16" if self.cfg.bf16 and self.device.type == "cuda" else None,
+            "autocast": "bf16" if self._autocast else None,
             "process_group": group,
         }
 
