@@ -34,14 +34,6 @@ def is_main_process() -> bool:
     return env is None or env[0] == 0
 
 
-def local_device() -> torch.device:
-    """The device this process should train on: its own GPU under torchrun, else cuda (or cpu)."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    env = distributed_env()
-    return torch.device("cuda", env[2] if env else torch.cuda.current_device())
-
-
 def launch_distributed(nproc: int, argv: list[str]) -> int:
     """Run `argv` in `nproc` processes on this host under torchrun (`torch.distributed.run --standalone`) and
     return its exit code. `argv` is what would follow `python`: a script and its arguments, or
