@@ -91,52 +91,52 @@ _RELOAD = """
 import json, sys, torch
 {imports}
 import transformers
-m = transformers.{auto}.from_pretrained(sys.argv[1]).eval()
-inputs = torch.load(sys.argv[2])
-with torch.no_grad():
-    out = m(**inputs).logits
-torch.save(out, sys.argv[3])
-print(json.dumps({{"compress_loaded": "compress" in sys.modules, "type": m.config.model_type}}))
+report = []
+for folder, auto in json.loads(sys.argv[1]):
+    m = getattr(transformers, auto).from_pretrained(folder).eval()
+    inputs = torch.load(folder + "/inputs.pt")
+    with torch.no_grad():
+        torch.save(m(**inputs).logits, folder + "/out.pt")
+    report.append(m.config.model_type)
+print(json.dumps({{"compress_loaded": "compress" in sys.modules, "types": report}}))
 """
 
 
-def _reload_in_fresh_process(tmp_path: Path, model: nn.Module, inputs: dict, auto: str, imports: str) -> tuple[torch.Tensor, dict]:
-    folder = tmp_path / "model"
-    model.save_pretrained(folder)
-    torch.save(inputs, tmp_path / "inputs.pt")
-    script = _RELOAD.format(imports=imports, auto=auto)
-    res = subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+def _reload_in_fresh_process(tmp_path: Path, cases: list[tuple[str, nn.Module, str]], imports: str) -> dict:
+    """Save each (family, pruned model, auto class), reload them all in one fresh process, compare outputs."""
+    specs = []
+    for family, model, auto in cases:
+        folder = tmp_path / family
+        model.save_pretrained(folder)
+        torch.save(_inputs(family), folder / "inputs.pt")
+        specs.append((str(folder), auto))
+    res = subprocess.run([sys.executable, "-c", _RELOAD.format(imports=imports), json.dumps(specs)],
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    return torch.load(tmp_path / "out.pt"), json.loads(res.stdout.strip().splitlines()[-1])
+    for family, model, _ in cases:
+        torch.testing.assert_close(torch.load(tmp_path / family / "out.pt"), _out(model, _inputs(family)),
+                                   atol=1e-6, rtol=1e-5)
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("family,auto", [("bert", "AutoModelForSequenceClassification"), ("qwen2", "AutoModelForCausalLM")])
-def test_uniform_pruned_folder_reloads_with_plain_transformers(tmp_path: Path, family: str, auto: str) -> None:
-    model = _build(family)
-    plan = (KeepPlan(heads={i: [1, 2] for i in range(3)}, hidden=list(range(16)), ffn={i: list(range(30)) for i in range(3)},
-                     layers=[0, 2])
-            if family == "bert" else
-            KeepPlan(heads={i: [0, 1] for i in range(3)}, hidden=list(range(3, 27)), ffn={i: list(range(30)) for i in range(3)}))
-    pruned = shrink(model, plan)
-    inputs = _inputs(family)
-    out, info = _reload_in_fresh_process(tmp_path, pruned, inputs, auto, imports="")
-    assert info == {"compress_loaded": False, "type": family}
-    torch.testing.assert_close(out, _out(pruned, inputs), atol=1e-6, rtol=1e-5)
+def test_uniform_pruned_folders_reload_with_plain_transformers(tmp_path: Path) -> None:
+    bert = shrink(_build("bert"), KeepPlan(heads={i: [1, 2] for i in range(3)}, hidden=list(range(16)),
+                                           ffn={i: list(range(30)) for i in range(3)}, layers=[0, 2]))
+    qwen = shrink(_build("qwen2"), KeepPlan(heads={i: [0, 1] for i in range(3)}, hidden=list(range(3, 27)),
+                                            ffn={i: list(range(30)) for i in range(3)}))
+    info = _reload_in_fresh_process(tmp_path, [("bert", bert, "AutoModelForSequenceClassification"),
+                                               ("qwen2", qwen, "AutoModelForCausalLM")], imports="")
+    assert info == {"compress_loaded": False, "types": ["bert", "qwen2"]}
 
 
-@pytest.mark.parametrize("family,auto", [("distilbert", "AutoModelForSequenceClassification"),
-                                         ("gpt2", "AutoModelForCausalLM"),
-                                         ("vit", "AutoModelForImageClassification")])
-def test_non_uniform_pruned_folder_reloads_after_import_compress(tmp_path: Path, family: str, auto: str) -> None:
-    model = _build(family)
+def test_non_uniform_pruned_folders_reload_after_import_compress(tmp_path: Path) -> None:
     plan = KeepPlan(heads={0: [], 1: [0, 3]}, ffn={1: list(range(9)), 2: []}, hidden=list(range(1, 30)))
-    pruned = shrink(model, plan)
-    assert pruned.config.model_type == f"compress_pruned_{family}"
-    inputs = _inputs(family)
-    out, info = _reload_in_fresh_process(tmp_path, pruned, inputs, auto, imports="import compress")
-    assert info == {"compress_loaded": True, "type": f"compress_pruned_{family}"}
-    torch.testing.assert_close(out, _out(pruned, inputs), atol=1e-6, rtol=1e-5)
+    cases = [(f, shrink(_build(f), plan), auto) for f, auto in (("distilbert", "AutoModelForSequenceClassification"),
+                                                                ("gpt2", "AutoModelForCausalLM"),
+                                                                ("vit", "AutoModelForImageClassification"))]
+    info = _reload_in_fresh_process(tmp_path, cases, imports="import compress")
+    assert info == {"compress_loaded": True,
+                    "types": ["compress_pruned_distilbert", "compress_pruned_gpt2", "compress_pruned_vit"]}
 
 
 def test_pruning_a_pruned_model_again() -> None:
@@ -171,3 +171,34 @@ def test_bad_plans_are_one_line_input_errors(plan: KeepPlan, message: str) -> No
 def test_vocab_on_an_image_model_is_an_input_error() -> None:
     with pytest.raises(InputError, match="plan.vocab: model type 'vit' has no vocabulary"):
         check_plan(_build("vit"), KeepPlan(vocab=[0, 1]))
+
+
+_TASK = {"vit": "image-classification", "gpt2": "causal-lm", "llama": "causal-lm", "qwen2": "causal-lm"}
+_ONNX_PLANS = {
+    "uniform": lambda: KeepPlan(heads={i: [0, 1] for i in range(3)}, ffn={i: list(range(20)) for i in range(3)}),
+    "non-uniform": lambda: KeepPlan(heads={0: [], 1: [0, 1]}, ffn={1: list(range(9)), 2: []}, hidden=list(range(1, 30))),
+}
+
+
+def _onnx_parity(tmp_path: Path, family: str, kind: str) -> None:
+    from compress.onnx.export import export_onnx
+    from compress.onnx.parity import check_parity
+
+    pruned = shrink(_build(family), _ONNX_PLANS[kind]())
+    inputs = _inputs(family)
+    task = _TASK.get(family, "sequence-classification")
+    path = export_onnx(pruned, inputs, tmp_path / f"{family}-{kind}.onnx", task=task)
+    result = check_parity(pruned, path, inputs, task=task, atol=1e-4)
+    assert result.ok, result
+
+
+@pytest.mark.parametrize("family,kind", [("bert", "non-uniform")])
+def test_pruned_models_export_to_onnx_with_parity(tmp_path: Path, family: str, kind: str) -> None:
+    _onnx_parity(tmp_path, family, kind)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(_ONNX_PLANS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_models_of_every_family_export_to_onnx_with_parity(tmp_path: Path, family: str, kind: str) -> None:
+    _onnx_parity(tmp_path, family, kind)
