@@ -367,3 +367,33 @@ def plan_for_target(model: nn.Module, scores: Scores, *, params: int | None = No
     log.info("importance plan: keep ratio %.4f -> %d params (target %d of %d)", lo, count_params(model, plan),
              params, total)
     return plan
+
+
+def _grow(kept: list[int], n: int, target: int, scores: torch.Tensor | None) -> list[int]:
+    if target <= len(kept):
+        return list(kept)
+    missing = [j for j in range(n) if j not in set(kept)]
+    if scores is not None:
+        missing.sort(key=lambda j: -float(scores[j]))
+    return sorted([*kept, *missing[: target - len(kept)]])
+
+
+def round_plan(model: nn.Module, plan: KeepPlan, multiple: int, scores: Scores | None = None) -> KeepPlan:
+    """`plan` with every kept FFN width and the kept hidden size rounded up to a multiple of `multiple` (at most
+    the full size), adding the best-scored missing units (the lowest indices without scores). Heads stay as they
+    are (whole heads); an empty list (a removed sub-layer) stays empty."""
+    if multiple not in (1, 8, 16, 32, 64, 128):
+        raise InputError(f"prune round_to: {multiple} should be one of 8, 16, 32, 64, 128 (or 1 for no rounding)")
+    adapter = get_adapter(model)
+    sizes = {lv.index: lv.ffn.intermediate_size for lv in adapter.layers}
+    out = KeepPlan(layers=None if plan.layers is None else list(plan.layers), heads={k: list(v) for k, v in plan.heads.items()},
+                   vocab=None if plan.vocab is None else list(plan.vocab))
+    for i, kept in plan.ffn.items():
+        n = sizes[int(i)]
+        s = None if scores is None else scores.ffn.get(int(i))
+        out.ffn[i] = _grow(list(kept), n, round_up(len(kept), n, multiple), s)
+    if plan.hidden is not None:
+        n = adapter.hidden_size
+        out.hidden = _grow(list(plan.hidden), n, round_up(len(plan.hidden), n, multiple),
+                           None if scores is None else scores.hidden)
+    return out
