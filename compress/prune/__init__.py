@@ -2,7 +2,8 @@
 `compress.prune.reload` and must not import torch):
 
 - `KeepPlan` (plan.py): what a decision keeps;
-- `shrink(model, plan)`, `check_plan`, `layer_sizes` (shrink.py);
+- `check_plan`, `layer_sizes`; `shrink(model, plan)` itself is `compress.prune.shrink.shrink` (the submodule
+  `compress.prune.shrink` would shadow a package-level function of the same name);
 - `MaskSet`, `apply_masks`, `plan_from_masks`, `fold_masks`, `materialize` (apply.py);
 - `score_units`, `plan_at_ratio`, `plan_for_target`, `count_params`, `round_plan`, `Scores` (importance.py);
 - `trim_vocab`, `trim_tokenizer`, `kept_token_ids`, `save_trimmed` (vocab.py).
@@ -14,7 +15,7 @@ from typing import Any
 
 _EXPORTS = {
     "KeepPlan": "plan",
-    "shrink": "shrink", "check_plan": "shrink", "layer_sizes": "shrink",
+    "check_plan": "surgery", "layer_sizes": "surgery",
     "MaskSet": "apply", "apply_masks": "apply", "plan_from_masks": "apply", "fold_masks": "apply",
     "materialize": "apply",
     "score_units": "importance", "plan_at_ratio": "importance", "plan_for_target": "importance",
