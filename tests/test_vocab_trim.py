@@ -1,9 +1,6 @@
 """Vocabulary trimming (compress.prune.vocab) with the real MiniLM WordPiece tokenizer on a tiny random BERT."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -42,18 +39,19 @@ def test_trimmed_model_and_tokenizer_equal_the_original_on_kept_text(bert_and_to
     assert tok.convert_ids_to_tokens(a["input_ids"][1]) == small_tok.convert_ids_to_tokens(b["input_ids"][1])
     assert b["input_ids"].max() < len(kept)
     torch.testing.assert_close(_logits(small, b), _logits(model, a), atol=1e-6, rtol=1e-5)
-    # saved and reloaded with plain transformers in a fresh process: same ids; a dropped word -> the [UNK] row
+    # saved and reloaded by the plain Auto classes (a BertTokenizer and a BertForSequenceClassification: nothing of
+    # compress in the folder): same ids; a dropped word -> the shared row of dropped tokens
+    import transformers as T
+
     folder = save_trimmed(small, small_tok, tmp_path / "trimmed")
-    code = ("import json, sys, transformers as T; t = T.AutoTokenizer.from_pretrained(sys.argv[1]); "
-            "T.AutoModelForSequenceClassification.from_pretrained(sys.argv[1]); "
-            "print(json.dumps([t('this movie was great')['input_ids'], t('quantum giraffe')['input_ids'], "
-            "'compress' in sys.modules]))")
-    res = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    kept_ids, dropped_ids, compress_loaded = json.loads(res.stdout.strip().splitlines()[-1])
-    assert kept_ids == small_tok("this movie was great")["input_ids"] and not compress_loaded
+    assert not (tmp_path / "trimmed.tmp").exists()
+    t = T.AutoTokenizer.from_pretrained(folder)
+    reloaded = T.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    assert type(reloaded).__name__ == "BertForSequenceClassification"
+    assert t("this movie was great")["input_ids"] == small_tok("this movie was great")["input_ids"]
     n_pieces = len(tok.tokenize("quantum giraffe"))
-    assert dropped_ids == [small_tok.cls_token_id, *[len(kept)] * n_pieces, small_tok.sep_token_id]
+    assert t("quantum giraffe")["input_ids"] == [t.cls_token_id, *[len(kept)] * n_pieces, t.sep_token_id]
+    torch.testing.assert_close(_logits(reloaded, b), _logits(small, b), atol=1e-6, rtol=1e-5)
 
 
 def test_tokens_not_kept_reach_the_model_as_unk(bert_and_tokenizer) -> None:
