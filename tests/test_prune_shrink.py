@@ -261,3 +261,13 @@ def test_rounding_a_plan_keeps_multiples_and_whole_heads() -> None:
     assert set(rounded.ffn[0]) == {3, 5, 60, *best_missing}
     with pytest.raises(InputError, match="prune round_to: 12 should be one of 8, 16"):
         round_plan(model, plan, 12)
+
+
+def test_registered_pruned_types_do_not_break_transformers_lookups() -> None:
+    from transformers.models.auto.configuration_auto import config_class_to_model_type
+
+    from compress.prune.reload import register_when_transformers_loads
+
+    register_when_transformers_loads()  # `import compress` did it already; idempotent
+    assert config_class_to_model_type("NoSuchConfig") is None  # walks every registered entry
+    assert config_class_to_model_type("CompressPrunedGPT2Config") == "compress_pruned_gpt2"

@@ -165,8 +165,9 @@ class _LazyConfig:
     """Stands in the AutoConfig table for a pruned config class until it is first used: building the real
     class imports the family's configuration module, which must not happen inside transformers' own import."""
 
-    def __init__(self, family: str):
+    def __init__(self, family: str, base_name: str):
         self.family = family
+        self.__name__ = f"CompressPruned{base_name}"  # transformers matches extra configs by class name
 
     def _real(self) -> type:
         register([self.family])  # replaces this placeholder in the table by the real class
@@ -182,10 +183,11 @@ class _LazyConfig:
 
 
 def _register_placeholders() -> None:
-    mapping = sys.modules[_AUTO_MODULE].CONFIG_MAPPING
+    module = sys.modules[_AUTO_MODULE]
+    mapping, names = module.CONFIG_MAPPING, module.CONFIG_MAPPING_NAMES
     for family in ("bert", "roberta", "distilbert", "vit", "gpt2", "llama", "qwen2"):
-        if pruned_type(family) not in mapping:
-            mapping.register(pruned_type(family), _LazyConfig(family), exist_ok=True)
+        if pruned_type(family) not in mapping and family in names:
+            mapping.register(pruned_type(family), _LazyConfig(family, names[family]), exist_ok=True)
 
 
 def register_when_transformers_loads() -> None:
