@@ -32,7 +32,8 @@ def main() -> None:
     full_mib = tok.vocab_size * hidden / 2**20
     print(f"MiniLM-L6 tokenizer: {tok.vocab_size} tokens x {hidden}; eval: {len(evals)} tweets, "
           f"{sum(map(len, eval_ids))} tokens")
-    print("| train tweets | kept tokens | kept share | int8 embedding MiB | vs full | eval tokens -> [UNK] | eval tweets fully kept |")
+    print("| train tweets | kept tokens | kept share | int8 embedding MiB | vs full | eval tokens -> [UNK] "
+          "| eval tweets fully kept |")
     print("|---|---|---|---|---|---|---|")
     print(f"| (none: full vocabulary) | {tok.vocab_size} | 100% | {full_mib:.2f} | 1.0x | 0.00% | 100.0% |")
     for n in (1000, 6000, len(train)):

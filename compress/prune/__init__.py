@@ -20,7 +20,8 @@ _EXPORTS = {
     "materialize": "apply",
     "score_units": "importance", "plan_at_ratio": "importance", "plan_for_target": "importance",
     "count_params": "importance", "round_plan": "importance", "Scores": "importance",
-    "trim_vocab": "vocab", "trim_tokenizer": "vocab", "trim_model": "vocab", "kept_token_ids": "vocab", "save_trimmed": "vocab",
+    "trim_vocab": "vocab", "trim_tokenizer": "vocab", "trim_model": "vocab", "kept_token_ids": "vocab",
+    "save_trimmed": "vocab",
 }
 
 

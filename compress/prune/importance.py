@@ -412,7 +412,8 @@ def round_plan(model: nn.Module, plan: KeepPlan, multiple: int, scores: Scores |
         raise InputError(f"prune round_to: {multiple} should be one of 8, 16, 32, 64, 128 (or 1 for no rounding)")
     adapter = get_adapter(model)
     sizes = {lv.index: lv.ffn.intermediate_size for lv in adapter.layers}
-    out = KeepPlan(layers=None if plan.layers is None else list(plan.layers), heads={k: list(v) for k, v in plan.heads.items()},
+    out = KeepPlan(layers=None if plan.layers is None else list(plan.layers),
+                   heads={k: list(v) for k, v in plan.heads.items()},
                    vocab=None if plan.vocab is None else list(plan.vocab))
     for i, kept in plan.ffn.items():
         n = sizes[int(i)]

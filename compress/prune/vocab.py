@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 def _backend_json(tokenizer: Any) -> dict[str, Any]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise InputError(f"vocabulary trimming needs a fast tokenizer (tokenizers library); got {type(tokenizer).__name__}")
+        raise InputError("vocabulary trimming needs a fast tokenizer (tokenizers library); "
+                         f"got {type(tokenizer).__name__}")
     return json.loads(backend.to_str())
 
 
@@ -151,7 +152,8 @@ def trim_model(model: nn.Module, kept: list[int], unk_id: int) -> nn.Module:
     return small
 
 
-def trim_vocab(model: nn.Module, tokenizer: Any, texts: Iterable[str], extra: Iterable[str | int] = ()) -> tuple[nn.Module, Any, list[int]]:
+def trim_vocab(model: nn.Module, tokenizer: Any, texts: Iterable[str],
+               extra: Iterable[str | int] = ()) -> tuple[nn.Module, Any, list[int]]:
     """(trimmed model, trimmed tokenizer, kept original ids) for `texts` (see the module docstring). The model
     has len(kept) + 1 embedding rows."""
     kept = kept_token_ids(tokenizer, texts, extra)
