@@ -36,6 +36,20 @@ CALIBRATION_METHODS = {
 DEFAULT_OP_TYPES = ("MatMul", "Gemm")
 
 
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul",
+                 "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm", "ConvInteger", "QLinearConv", "QAttention")
+
+
+def refuse_quantized(path: Path, where: str = "ptq") -> None:
+    """InputError (exit 2) when the graph at `path` already holds Q/DQ or integer ops (made by ptq or qat):
+    quantizing it again would quantize the dequantized weights a second time."""
+    model = onnx.load(str(path), load_external_data=False)
+    found = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+    if found:
+        raise InputError(f"{where}: {Path(path).name} is already quantized (it holds {', '.join(found)}); "
+                         "give it the fp32 model (the export pass's student.onnx)")
+
+
 @contextmanager
 def _cwd(path: Path) -> Iterator[None]:
     """Run a block with `path` as the working directory (quant_pre_process drops temp files in the cwd)."""
@@ -68,6 +82,7 @@ def quantize_dynamic_int8(
     """Dynamic int8: weights of `op_types` (MatMul/Gemm) stored as QInt8, activations quantized at run time
     (DynamicQuantizeLinear + MatMulInteger). `reduce_range` (7-bit weights) avoids saturation on CPUs without VNNI."""
     src, dst = Path(src).resolve(), Path(dst).resolve()
+    refuse_quantized(src)
     with tempfile.TemporaryDirectory(prefix="compress-qdyn-") as td:
         clean, external = _clean_copy(src, Path(td))
         with quiet_logs(root=True), atomic_onnx_path(dst) as tmp:
@@ -197,6 +212,7 @@ def quantize_static_qdq(
     src, dst = Path(src).resolve(), Path(dst).resolve()
     if method not in CALIBRATION_METHODS:
         raise InputError(f"ptq.calibration: '{method}' is not one of {', '.join(CALIBRATION_METHODS)}")
+    refuse_quantized(src)
     batches = list(calibration)
     if not batches:
         raise InputError("ptq: static quantization needs at least one calibration batch; give data.calibration (or data.train)")
