@@ -248,6 +248,9 @@ def test_qat_pass_through_compress_run(tmp_path, tiny_bert_dir, data_dir):
     assert m["steps"] == 4 and m["calibration_batches"] >= 1 and m["float_weights_left"] == 0
     assert m["parity_max_abs_diff"] <= 0.05 and m["parity_cosine"] >= 0.999
     assert set(m["term_curves"]) >= {"logit", "hidden", "attention", "attention_output"}
+    # student and teacher are the same model here: the attention KL is quantization noise only; with the
+    # model's dropout on (0.1 on the attention probabilities), the dropped zeros would make it > 1
+    assert m["term_curves"]["attention"][0] < 0.3
     variants = rep["evaluation"]["variants"]
     assert {"fp32", "int8-qat", "int8"} <= set(variants) and variants["int8"]["alias_of"] == "int8-qat"
     assert variants["int8-qat"]["size_mb"] < variants["fp32"]["size_mb"] / 3

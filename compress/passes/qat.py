@@ -56,6 +56,10 @@ class QATConfig(ObjectiveConfig, TeacherConfig, TrainConfig):
     quantize_activations: bool = Field(True, description="Fake-quantize the input of every Linear (static uint8); False: weight-only QAT.")
     quantize_head: bool = Field(True, description="Also quantize the Linear layers outside the transformer layers (pooler, classifier).")
     quantize_embeddings: bool = Field(True, description="Also store the embedding tables as int8 (per row).")
+    dropout: bool = Field(
+        False, description="Keep the model's dropout while training. Off by default: QAT nudges a trained model "
+        "towards its quantized self, and the attention maps the KD terms compare are taken after dropout (dropped "
+        "probabilities are 0 and blow up the attention KL).")
     lsq: bool = Field(False, description="Learnable activation scales (LSQ), exported as plain Q/DQ.")
     lsq_lr: float | None = Field(None, gt=0, description="Learning rate of the LSQ scales (default: lr).")
     calibration_examples: int = Field(128, gt=0, description="Examples of data.calibration for the min-max observers.")
@@ -125,6 +129,10 @@ class QAT(Pass):
         else:
             teacher = ctx.load_teacher(artifact)
         names = fake.insert_fake_quant(student, cfg.quant_spec())
+        if not cfg.dropout:
+            for m in student.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0  # HF attention reads its dropout module's p
         teacher = prepare_teacher(teacher, cfg)
         teacher.to(ctx.device)
         student.to(ctx.device)
