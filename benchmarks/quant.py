@@ -111,6 +111,78 @@ class Scorer:
         return {"quality": scores[self.task.metric], "fidelity": scores["fidelity"]}
 
 
+def fusion_table(work: Path, cache: Path, base: dict[str, Any], layers: int, eval_n: int, rounds: int) -> int:
+    """fp32 and PTQ dynamic int8 of one student exported by the dynamo and by the legacy exporter, each fused
+    by ORT's transformer optimizer: which fusions apply, parity, accuracy, latency (interleaved rounds)."""
+    import numpy as np
+
+    from compress.config import load_config
+    from compress.models import get_adapter
+    from compress.models.loading import load_model
+    from compress.onnx.export import export_onnx, op_counts, optimize_onnx
+    from compress.onnx.parity import check_parity, cosine_similarity
+    from compress.onnx.quantize import quantize_dynamic_int8
+    from compress.onnx.runtime import make_session, measure_latency, onnx_size_mb, run_session
+    from compress.passes.common import model_inputs
+    from compress.pipeline import Pipeline
+    from compress.tasks import get_task
+
+    cfg_path = work / f"L{layers}-ptq.yaml"
+    if not cfg_path.is_file():
+        print(f"{cfg_path} missing: run the main benchmark first", file=sys.stderr)
+        return 2
+    run = load_config(cfg_path)
+    art = Pipeline(run, progress=False).run().artifact  # all cached
+    scorer = Scorer(load_config(work / "score.yaml"), art, eval_n, work / "teacher-logits.pt")
+    task = run.model.task
+    model = load_model(str(art.model_dir), task).eval()
+    ad = get_adapter(model)
+    example = model_inputs(scorer.batches[0])
+    example = {k: v[:2, :16] for k, v in example.items()}
+    check = model_inputs(scorer.batches[1])
+    folder = work / f"fusion-L{layers}"
+    folder.mkdir(exist_ok=True)
+    ptq = _pass(base["passes"], "ptq")
+    ops_q = ("MatMul", "Gemm", "Gather") if ptq.get("quantize_embeddings") else ("MatMul", "Gemm")
+    paths: dict[str, Path] = {}
+    info: dict[str, str] = {}
+    for exporter in ("dynamo", "legacy"):
+        raw = export_onnx(model, example, folder / f"{exporter}.raw.onnx", task=task, exporter=exporter)
+        fused = folder / f"{exporter}.onnx"
+        ok = optimize_onnx(raw, fused, model_type="bert", num_heads=ad.num_heads, hidden_size=ad.hidden_size)
+        src = fused if ok else raw
+        par = check_parity(model, src, check, task=task, atol=1e-3, min_cosine=0.9999)
+        ops = op_counts(src)
+        paths[f"{exporter} fp32"] = src
+        info[f"{exporter} fp32"] = (f"fused: {', '.join(k for k in ('Attention', 'EmbedLayerNormalization', 'SkipLayerNormalization', 'BiasGelu') if ops.get(k))}; "
+                                    f"parity max abs {par.max_abs_diff:.2g}")
+        dyn = quantize_dynamic_int8(src, folder / f"{exporter}.int8-dynamic.onnx", op_types=ops_q)
+        qops = op_counts(dyn)
+        sess_a, sess_b = make_session(src), make_session(dyn)
+        cos = float(np.mean([cosine_similarity(next(iter(run_session(sess_b, model_inputs(b)).values())),
+                                               next(iter(run_session(sess_a, model_inputs(b)).values())))
+                             for b in scorer.batches[:4]]))
+        paths[f"{exporter} PTQ dynamic"] = dyn
+        info[f"{exporter} PTQ dynamic"] = f"QAttention: {qops.get('QAttention', 0)}; cosine to fp32 {cos:.5f}"
+    t = run.target
+    lat_in = get_task(task).synthetic_inputs(model.config, batch_size=t.batch_size, seq_len=t.seq_len)
+    p50s: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(rounds):
+        for k, pth in paths.items():
+            p50s[k].append(measure_latency(pth, lat_in, provider=t.provider, threads=t.threads, warmup=5, runs=40)["p50_ms"])
+    print(f"\nExporter and attention fusion, {layers}-layer student, {scorer.examples} eval tweets; ORT p50 batch "
+          f"{t.batch_size}, seq {t.seq_len}, {t.threads} threads, median of {rounds} interleaved rounds\n")
+    print("| graph | accuracy | fidelity | size MB | p50 ms | p50 / dynamo same precision | notes |")
+    print("|---|---|---|---|---|---|---|")
+    for k, pth in paths.items():
+        s = scorer.score(pth)
+        ref = k.replace("legacy", "dynamo")
+        ratio = statistics.median(p50s[k]) / statistics.median(p50s[ref])
+        print(f"| {k} | {s['quality']:.4f} | {s['fidelity']:.4f} | {onnx_size_mb(pth):.1f} | "
+              f"{statistics.median(p50s[k]):.2f} | {ratio:.2f} | {info[k]} |")
+    return 0
+
+
 def main() -> int:
     from compress.config import load_config
     from compress.onnx.runtime import measure_latency, onnx_size_mb
@@ -133,6 +205,9 @@ def main() -> int:
     ap.add_argument("--work", default=None, help="folder for the runs (default: a temp dir)")
     ap.add_argument("--cache", default=None, help="cache folder shared by the runs (default: <work>/cache)")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--fusion", action="store_true",
+                    help="after a run in --work: the dynamo vs legacy exporter table (attention fusion) for the "
+                    "first of --layers")
     args = ap.parse_args()
 
     work = Path(args.work or tempfile.mkdtemp(prefix="quant-bench-")).resolve()
@@ -145,6 +220,8 @@ def main() -> int:
     score_dict["data"]["eval"]["limit"] = max(args.eval, base["data"]["eval"].get("limit", 0))
     score_dict.update(passes=[{"type": "export"}], output=str(work / "score"))
     (work / "score.yaml").write_text(yaml.safe_dump(score_dict, sort_keys=False))
+    if args.fusion:
+        return fusion_table(work, cache, base, args.layers[0], args.eval, args.latency_rounds)
     qat = {"type": "qat", "epochs": args.qat_epochs, "lr": args.qat_lr, "batch_size": 32,
            "teacher": args.qat_teacher}
     if args.qat_steps:

@@ -8,9 +8,11 @@ dequantize, weights as int8 tensors dequantized per channel) with the one export
   (`[in, out]`, axis 1) and the DequantizeLinear feeds the MatMul directly (ORT fuses DQ -> MatMul, not
   DQ -> Transpose -> MatMul);
 * one activation Q/DQ pair per consumer: the exporter merges identical quantize / dequantize of one tensor (the
-  LayerNorm output read by the Q, K and V projections) into one pair feeding three MatMuls, and ORT leaves a
-  QuantizeLinear / DequantizeLinear with several consumers in float. Each MatMul gets its own pair (same
-  scale): three QuantizeLinear of one tensor cost less than three float MatMuls.
+  LayerNorm output read by the Q, K and V projections) into one pair feeding three MatMuls; a QuantizeLinear /
+  DequantizeLinear with several consumers is not the canonical QDQ form (the project's notes record graphs that
+  stayed float for it; not reproduced on this graph with ORT 1.31).
+  Each MatMul gets its own pair (same scale). ORT 1.31 copes with both forms by itself and merges the
+  identical QuantizeLinear again after fusion (docs/quantization.md), so the rewrite costs nothing there.
 
 Placement chosen: Q/DQ only on the inputs of the Linear layers (and the int8 weights), nothing around
 LayerNorm, GELU or Softmax (ORT has no QDQ kernels for them: a Q/DQ there would only add work), and no Q after
