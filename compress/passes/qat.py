@@ -68,6 +68,8 @@ class QATConfig(ObjectiveConfig, TeacherConfig, TrainConfig):
     atol: float = Field(0.05, gt=0, description="Largest allowed absolute difference, ORT int8 vs the fake-quant PyTorch model.")
     min_cosine: float = Field(0.999, gt=0, le=1, description="Smallest allowed cosine similarity, ORT int8 vs fake-quant PyTorch.")
     parity_examples: int = Field(8, gt=0, description="Real examples used for the parity check.")
+    optimize: bool = Field(True, description="Fuse LayerNorm / SkipLayerNorm / BiasGelu in the int8 graph with ORT's "
+                           "transformer optimizer (kept only if parity holds).")
     nproc: int | None = Field(None, gt=0, description="Training processes (torchrun); default: `compress run --nproc`, else 1.")
     weights: LossWeights = Field(default_factory=_qat_weights, description="Weight of each loss term (KD for QAT: logit, hidden, attention, attention_output).")
 
@@ -85,7 +87,7 @@ class QAT(Pass):
 
     type = "qat"
     Config = QATConfig
-    version = "1"
+    version = "2"  # 2: pooler/classifier Gemm biases split off (QGemm), the int8 graph fused by ORT's optimizer
     uses_data = ("train", "calibration", "eval")
     consumes = (Kind.TORCH_STUDENT, Kind.TEACHER)
     produces = (Kind.ONNX, Kind.ONNX_QUANTIZED)
@@ -179,7 +181,7 @@ class QAT(Pass):
         """int8 QDQ ONNX of the fake-quant student, parity against it, and the student folder."""
         from compress.onnx.parity import check_parity
         from compress.onnx.runtime import onnx_size_mb
-        from compress.passes.export import sample_inputs
+        from compress.passes.export import FUSION_MODEL_TYPES, sample_inputs
         from compress.quant import fake
         from compress.quant.export import export_qat_onnx, float_weights
         from compress.onnx.runtime import load_model
@@ -192,8 +194,24 @@ class QAT(Pass):
         with ctx.progress.task(f"{ctx.label}: int8 export", total=None):
             changes = export_qat_onnx(student, example, path, task=task, opset=cfg.opset)
         parity = check_parity(student, path, check, task=task, atol=cfg.atol, min_cosine=cfg.min_cosine)
+        fused = False
+        mtype = FUSION_MODEL_TYPES.get(getattr(student.config, "model_type", ""))
+        if cfg.optimize and mtype and parity.ok:  # SkipLayerNorm / BiasGelu take the bias adds in (kept if parity holds)
+            from compress.models import get_adapter
+            from compress.onnx.export import optimize_onnx
+
+            ad = get_adapter(student)
+            tmp = ctx.out_dir / "student.int8-qat.fused.onnx"
+            if optimize_onnx(path, tmp, model_type=mtype, num_heads=ad.num_heads, hidden_size=ad.hidden_size):
+                p2 = check_parity(student, tmp, check, task=task, atol=cfg.atol, min_cosine=cfg.min_cosine)
+                if p2.ok:
+                    tmp.replace(path)
+                    parity, fused = p2, True
+                else:
+                    tmp.unlink()
+                    ctx.event("fusion_rejected", max_abs_diff=p2.max_abs_diff, cosine=p2.cosine)
         left = float_weights(load_model(path))
-        ctx.metrics.update(parity_max_abs_diff=parity.max_abs_diff, parity_cosine=parity.cosine,
+        ctx.metrics.update(parity_max_abs_diff=parity.max_abs_diff, parity_cosine=parity.cosine, fused=fused,
                            size_mb=onnx_size_mb(path), float_weights_left=len(left), **changes)
         if not parity.ok:
             raise PassFailed(ctx.label, f"ONNX Runtime int8 output '{parity.output}' differs from the fake-quant "
