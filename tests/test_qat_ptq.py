@@ -39,3 +39,14 @@ def test_reduce_range_stores_7_bit_weights(fp32_model, tmp_path, method):
             quantize_static_qdq(fp32_model, dst, calib, reduce_range=rr)
         peaks[rr] = _int8_weight_peak(dst)
     assert peaks[False] == 127 and peaks[True] <= 64
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_calibration_on_batches_of_different_lengths(fp32_model, tmp_path, method):
+    """Real calibration batches are padded per batch, so their lengths differ; ORT's histogram calibrators
+    stacked them with np.asarray and failed (found by benchmarks/quant.py on the tweets)."""
+    from compress.onnx.quantize import quantize_static_qdq, quantized_op_counts
+
+    calib = [{k: v.numpy() for k, v in _inputs(4, seq=seq, seed=s).items()} for s, seq in ((3, 16), (4, 9), (5, 12))]
+    dst = quantize_static_qdq(fp32_model, tmp_path / "s.onnx", calib, method=method)
+    assert quantized_op_counts(dst).get("QuantizeLinear", 0) > 0

@@ -165,6 +165,24 @@ def _pre_process(src: Path, dst: Path, external: bool) -> bool:
     return False
 
 
+def same_length(batches: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The batches with every 2-D input right-padded with zeros to the longest sequence among them (pad token
+    0, attention mask 0). ORT's histogram calibrators (entropy, percentile) stack each tensor's values over the
+    batches with `np.asarray`, which fails on batches padded to different lengths."""
+    longest = max((int(np.asarray(v).shape[1]) for b in batches for v in b.values() if np.asarray(v).ndim == 2),
+                  default=0)
+    out = []
+    for b in batches:
+        row: dict[str, Any] = {}
+        for k, v in b.items():
+            a = np.asarray(v)
+            if a.ndim == 2 and a.shape[1] < longest:
+                a = np.pad(a, ((0, 0), (0, longest - a.shape[1])))
+            row[k] = a
+        out.append(row)
+    return out
+
+
 ENTROPY_BINS = 512  # histogram bins for the KL (entropy) threshold search; 128 quantized bins (int8)
 
 
@@ -218,6 +236,8 @@ def quantize_static_qdq(
     batches = list(calibration)
     if not batches:
         raise InputError("ptq: static quantization needs at least one calibration batch; give data.calibration (or data.train)")
+    if method != "minmax":
+        batches = same_length(batches)
     with tempfile.TemporaryDirectory(prefix="compress-qdq-") as td:
         folder = Path(td)
         clean, external = _clean_copy(src, folder)

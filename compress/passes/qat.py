@@ -107,7 +107,7 @@ class QAT(Pass):
             return ("quantize_activations: the activation observers are calibrated on data.calibration, which is "
                     "missing; add data.calibration (or set quantize_activations: false)")
         if run.model.task not in ("sequence-classification", "token-classification", "feature-extraction"):
-            return f"qat: task '{run.model.task}' is not supported yet (encoder tasks only)"
+            return f"model.task '{run.model.task}' is not supported by qat yet (text encoder tasks only)"
         return None
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
