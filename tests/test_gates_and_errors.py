@@ -53,7 +53,7 @@ def test_each_gate_can_fail(exported, capsys, sets, gate):
 
 @pytest.mark.parametrize("passes, words", [
     # caught before anything runs, from the passes' declared contracts (compress/contracts.py)
-    ([{"type": "evaluate"}], ["passes[0] (evaluate): needs an ONNX model", "put {type: export} before it"]),
+    ([{"type": "evaluate"}], ["passes[0] (evaluate): needs an ONNX model", "put {type: export} or {type: qat} before it"]),
     ([{"type": "ptq"}], ["passes[0] (ptq): needs an fp32 ONNX model", "put {type: export} before it"]),
     ([{"type": "export"}, {"type": "evaluate", "variants": ["int8-static"]}],
      ["'evaluate'.variants: ['int8-static'] not made", "available: ['fp32']"]),

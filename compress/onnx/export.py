@@ -136,6 +136,7 @@ def export_onnx(
     dynamic: bool = True,
     optimize: bool = True,
     strip_metadata: bool = True,
+    exporter: str = "dynamo",
 ) -> Path:
     """Export `model` to ONNX at `path` (written atomically) and return the path.
 
@@ -143,7 +144,12 @@ def export_onnx(
     task output named as the task table says (compress.tasks) (causal LMs without a KV cache). With `dynamic`, axis 0 is a dynamic
     `batch` axis and, for text, axis 1 a dynamic `sequence` axis. The model is exported in eval mode and
     left in the mode it was in. `optimize` runs onnxscript's graph optimizer (constant folding, cleanup).
-    `strip_metadata` drops the exporter's per-node debug metadata (stack traces, module paths: ~2.5 kB a node)."""
+    `strip_metadata` drops the exporter's per-node debug metadata (stack traces, module paths: ~2.5 kB a node).
+    `exporter="legacy"`: TorchScript export (`dynamo=False`) of the eager attention path, the graph on which
+    ORT's transformer optimizer fuses whole attention blocks (`Attention`, `EmbedLayerNormalization`); on dynamo
+    graphs it fuses only LayerNorm / SkipLayerNorm / BiasGelu."""
+    if exporter not in ("dynamo", "legacy"):
+        raise InputError(f"export.exporter: '{exporter}' is not dynamo or legacy")
     out_name = get_task(task).output
     path = Path(path)
     if not example_inputs:
@@ -164,6 +170,11 @@ def export_onnx(
     was_training = model.training
     model.eval()
     wrapper.eval()
+    if exporter == "legacy":
+        try:
+            return _export_legacy(model, wrapper, inputs, path, opset=opset, dynamic=dynamic, task=task)
+        finally:
+            model.train(was_training)
     try:
         with warnings.catch_warnings(), quiet_logs(*EXPORTER_LOGGERS):
             warnings.simplefilter("ignore")
@@ -189,6 +200,48 @@ def export_onnx(
     if got != set(inputs):
         log.warning("exported graph inputs %s differ from the example inputs %s", sorted(got), sorted(inputs))
     log.info("exported %s (%s) to %s: %d nodes, opset %d", type(model).__name__, task, path, len(proto.graph.node), opset)
+    return path
+
+
+class _Positional(nn.Module):
+    """The TorchScript exporter passes inputs by position: this maps them back to names."""
+
+    def __init__(self, inner: nn.Module, names: list[str]):
+        super().__init__()
+        self.inner, self.names = inner, names
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.inner(**dict(zip(self.names, tensors)))
+
+
+def _export_legacy(model: nn.Module, wrapper: nn.Module, inputs: dict[str, torch.Tensor], path: Path, *,
+                   opset: int, dynamic: bool, task: str) -> Path:
+    """`export_onnx` with the TorchScript exporter, through the eager attention path (restored afterwards)."""
+    from compress.models.base import _restore_attn_implementation, _set_attn_implementation
+
+    out_name = get_task(task).output
+    names = list(inputs)
+    axes: dict[str, dict[int, str]] | None = None
+    if dynamic:
+        axes = {n: ({0: "batch", 1: "sequence"} if t.dim() >= 2 and get_task(task).modality != "image" else {0: "batch"})
+                for n, t in inputs.items()}
+        per_token = get_task(task).labels in ("token-class", "next-token") or task == "feature-extraction"
+        axes[out_name] = {0: "batch", 1: "sequence"} if per_token else {0: "batch"}
+    saved = _set_attn_implementation(model, "eager")
+    try:
+        with warnings.catch_warnings(), quiet_logs(*EXPORTER_LOGGERS), atomic_onnx_path(path) as tmp:
+            warnings.simplefilter("ignore")
+            with torch.no_grad():
+                torch.onnx.export(_Positional(wrapper, names), tuple(inputs.values()), str(tmp), dynamo=False,
+                                  opset_version=opset, input_names=names, output_names=[out_name],
+                                  dynamic_axes=axes)
+    except Exception as exc:  # noqa: BLE001 - as for the dynamo exporter
+        raise OnnxExportError(f"torch.onnx.export (legacy) failed for {type(model).__name__} (task {task}, "
+                              f"opset {opset}): {_summary(exc)}") from exc
+    finally:
+        if saved is not None:
+            _restore_attn_implementation(model, saved)
+    log.info("exported %s (%s, legacy exporter) to %s", type(model).__name__, task, path)
     return path
 
 

@@ -36,6 +36,20 @@ CALIBRATION_METHODS = {
 DEFAULT_OP_TYPES = ("MatMul", "Gemm")
 
 
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul",
+                 "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm", "ConvInteger", "QLinearConv", "QAttention")
+
+
+def refuse_quantized(path: Path, where: str = "ptq") -> None:
+    """InputError (exit 2) when the graph at `path` already holds Q/DQ or integer ops (made by ptq or qat):
+    quantizing it again would quantize the dequantized weights a second time."""
+    model = onnx.load(str(path), load_external_data=False)
+    found = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+    if found:
+        raise InputError(f"{where}: {Path(path).name} is already quantized (it holds {', '.join(found)}); "
+                         "give it the fp32 model (the export pass's student.onnx)")
+
+
 @contextmanager
 def _cwd(path: Path) -> Iterator[None]:
     """Run a block with `path` as the working directory (quant_pre_process drops temp files in the cwd)."""
@@ -68,6 +82,7 @@ def quantize_dynamic_int8(
     """Dynamic int8: weights of `op_types` (MatMul/Gemm) stored as QInt8, activations quantized at run time
     (DynamicQuantizeLinear + MatMulInteger). `reduce_range` (7-bit weights) avoids saturation on CPUs without VNNI."""
     src, dst = Path(src).resolve(), Path(dst).resolve()
+    refuse_quantized(src)
     with tempfile.TemporaryDirectory(prefix="compress-qdyn-") as td:
         clean, external = _clean_copy(src, Path(td))
         with quiet_logs(root=True), atomic_onnx_path(dst) as tmp:
@@ -150,6 +165,24 @@ def _pre_process(src: Path, dst: Path, external: bool) -> bool:
     return False
 
 
+def same_length(batches: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The batches with every 2-D input right-padded with zeros to the longest sequence among them (pad token
+    0, attention mask 0). ORT's histogram calibrators (entropy, percentile) stack each tensor's values over the
+    batches with `np.asarray`, which fails on batches padded to different lengths."""
+    longest = max((int(np.asarray(v).shape[1]) for b in batches for v in b.values() if np.asarray(v).ndim == 2),
+                  default=0)
+    out = []
+    for b in batches:
+        row: dict[str, Any] = {}
+        for k, v in b.items():
+            a = np.asarray(v)
+            if a.ndim == 2 and a.shape[1] < longest:
+                a = np.pad(a, ((0, 0), (0, longest - a.shape[1])))
+            row[k] = a
+        out.append(row)
+    return out
+
+
 ENTROPY_BINS = 512  # histogram bins for the KL (entropy) threshold search; 128 quantized bins (int8)
 
 
@@ -185,21 +218,26 @@ def quantize_static_qdq(
     op_types: Sequence[str] | None = DEFAULT_OP_TYPES,
     pre_process: bool = True,
     activations: str = "uint8",
+    reduce_range: bool = False,
 ) -> Path:
     """Static int8 in QDQ format: QuantizeLinear/DequantizeLinear pairs around `op_types` (None: every op ORT
     can quantize), activation ranges calibrated with `method` (minmax, entropy, percentile) over the given
     batches (dicts of input name -> array; extra keys are ignored). Weights QInt8 (per channel by default),
     activations QUInt8 (`activations="uint8"`, the U8S8 kernels ONNX Runtime runs fast on x86: 8.2 vs 41 ms
     p50 for S8S8 on a 3-layer MiniLM, 2 threads) or QInt8 (`"int8"`).
+    `reduce_range`: 7-bit weights and activations (x86 CPUs without VNNI).
     Pre-processing runs in a temporary folder, so nothing is left in the working directory."""
     if activations not in ("uint8", "int8"):
         raise InputError(f"ptq.activations: '{activations}' is not uint8 or int8")
     src, dst = Path(src).resolve(), Path(dst).resolve()
     if method not in CALIBRATION_METHODS:
         raise InputError(f"ptq.calibration: '{method}' is not one of {', '.join(CALIBRATION_METHODS)}")
+    refuse_quantized(src)
     batches = list(calibration)
     if not batches:
         raise InputError("ptq: static quantization needs at least one calibration batch; give data.calibration (or data.train)")
+    if method != "minmax":
+        batches = same_length(batches)
     with tempfile.TemporaryDirectory(prefix="compress-qdq-") as td:
         folder = Path(td)
         clean, external = _clean_copy(src, folder)
@@ -220,7 +258,7 @@ def quantize_static_qdq(
                         per_channel=per_channel, activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
                         weight_type=QuantType.QInt8,
                         use_external_data_format=external, calibrate_method=CALIBRATION_METHODS[method],
-                        calibration_cache_path=cache)
+                        calibration_cache_path=cache, reduce_range=reduce_range)
             try:
                 with atomic_onnx_path(dst) as tmp:
                     reader.rewind()

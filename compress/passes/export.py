@@ -2,7 +2,7 @@
 where it applies, and a parity check of ONNX Runtime against PyTorch on real inputs."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -24,6 +24,10 @@ class ExportConfig(PassConfig):
     atol: float = Field(1e-3, gt=0, description="Largest allowed absolute difference between ORT and PyTorch outputs.")
     min_cosine: float = Field(0.9999, gt=0, le=1, description="Smallest allowed cosine similarity between ORT and PyTorch outputs.")
     parity_examples: int = Field(8, gt=0, description="Real examples used for the parity check.")
+    exporter: Literal["dynamo", "legacy"] = Field(
+        "dynamo", description="dynamo (torch.export) or legacy (TorchScript, eager attention): on a legacy graph ORT's "
+        "transformer optimizer also fuses the attention blocks (BERT-like models), which dynamic int8 then runs "
+        "as QAttention (benchmarks/README.md).")
 
 
 def sample_inputs(ctx: PassContext, model: Any, pre: Any, n: int, max_length: int = 32) -> dict[str, torch.Tensor]:
@@ -61,7 +65,7 @@ class Export(Pass):
         check = sample_inputs(ctx, model, pre, cfg.parity_examples, max_length=ctx.run.model.max_length)
         raw = ctx.out_dir / "student.raw.onnx"
         with ctx.progress.task(f"{ctx.label}: torch.onnx.export", total=None):
-            export_onnx(model, example, raw, task=task, opset=cfg.opset)
+            export_onnx(model, example, raw, task=task, opset=cfg.opset, exporter=cfg.exporter)
         parity = check_parity(model, raw, check, task=task, atol=cfg.atol, min_cosine=cfg.min_cosine)
         ctx.metrics.update(parity_max_abs_diff=parity.max_abs_diff, parity_cosine=parity.cosine)
         if not parity.ok:

@@ -29,6 +29,9 @@ class PTQConfig(PassConfig):
     quantize_embeddings: bool = Field(
         False, description="Also store embedding tables (Gather) as int8: much smaller files (the word embeddings "
         "are most of a small encoder), at some latency cost in ONNX Runtime on CPU.")
+    reduce_range: bool = Field(
+        False, description="7-bit weights (and, static, 7-bit activations): for x86 CPUs without VNNI, where u8s8 "
+        "int8 products summed in int16 can saturate (docs/quantization.md).")
     calibration_examples: int = Field(128, gt=0, description="Examples read from data.calibration (else data.train).")
     batch_size: int = Field(8, gt=0, description="Calibration batch size.")
 
@@ -39,7 +42,7 @@ class PTQ(Pass):
 
     type = "ptq"
     Config = PTQConfig
-    version = "4"  # 4: typed model-file records in the artifact
+    version = "5"  # 4: typed model-file records in the artifact; 5: reduce_range
     uses_data = ("calibration", "train")
     consumes = (Kind.ONNX_FP32,)
     refuses = (Kind.ONNX_QUANTIZED,)  # a graph that already holds Q/DQ (ptq, qat) is not quantized again
@@ -83,11 +86,11 @@ class PTQ(Pass):
             for method in cfg.methods:
                 dst = ctx.out_dir / f"student.int8-{method}.onnx"
                 if method == "dynamic":
-                    quantize_dynamic_int8(src, dst, op_types=op_types)
+                    quantize_dynamic_int8(src, dst, op_types=op_types, reduce_range=cfg.reduce_range)
                 else:
                     assert calib is not None
                     quantize_static_qdq(src, dst, calib, per_channel=cfg.per_channel, method=cfg.calibration,
-                                        op_types=op_types, activations=cfg.activations)
+                                        op_types=op_types, activations=cfg.activations, reduce_range=cfg.reduce_range)
                 made[method] = dst
                 bar.advance()
         models = [*artifact.models, *(ModelFile(path, precision="int8", method=method, shipped=method == cfg.primary)
