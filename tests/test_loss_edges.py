@@ -81,8 +81,10 @@ def test_wrappers_pass_every_argument(name: str) -> None:
         fn(s, te[:, :20], temperature=-1.0, **kw)
     with pytest.raises(InputError, match=rf"^{where}: student vocabulary"):
         fn(s, te, **kw)
+    with pytest.raises(InputError, match=rf"^{where}: vocab_mask"):
+        fn(s, te[:, :20], vocab_mask=vm[:10], **kw)
     if not interpreter_enabled():
-        with pytest.raises(InputError, match="use_kernel=True"):
+        with pytest.raises(InputError, match=rf"^{where}: use_kernel=True"):
             fn(s, te[:, :20], use_kernel=True, **kw)
 
 
@@ -216,6 +218,12 @@ def test_taid_resumes_from_its_state() -> None:
     assert fresh.prev_loss is None and fresh.step(1.0) == L.TAID(step_size=0.2).step(1.0)
 
 
+def test_taid_default_step_size() -> None:
+    """The paper's 5e-4: from t = 0.4 the first step (no previous loss, momentum 0) moves t by
+    5e-4 * sigmoid(0) * 0.6."""
+    assert L.TAID().step(1.0) == pytest.approx(0.4 + 5e-4 * 0.5 * 0.6, rel=1e-12)
+
+
 def test_taid_constructor_boundaries() -> None:
     L.TAID(t_start=0.5, t_end=0.5)  # a constant t
     L.TAID(t_start=0.0, t_end=1.0, momentum=0.0, step_size=0.0, total_steps=1)
@@ -315,7 +323,13 @@ def test_fused_linear_kd_rejects_bad_shapes_and_options() -> None:
         (dict(chunk_size=0), "chunk_size"),
         (dict(taid_t=1.5, kind="taid"), "taid_t must lie"),
         (dict(kind="kl"), "unknown logit loss kind"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(vocab_size=10), "vocab_size=10"),
+        (dict(teacher=torch.randn(2, 3, 11)), "student vocabulary 9 != teacher vocabulary 11"),
+        (dict(vocab_mask=torch.ones(5, dtype=torch.bool)), "vocab_mask"),
     ]
+    if not interpreter_enabled():
+        cases.append((dict(use_kernel=True), "use_kernel=True"))
     for change, match in cases:
         args = dict(hidden_s=h, head_weight_s=w, teacher=t_logits) | change
         hid, head, teach = args.pop("hidden_s"), args.pop("head_weight_s"), args.pop("teacher")
@@ -323,6 +337,9 @@ def test_fused_linear_kd_rejects_bad_shapes_and_options() -> None:
             L.fused_linear_kd(hid, head, teach, **args)
     for strategy in ("auto", "vocab", "rows"):  # every valid strategy and the smallest chunk are accepted
         assert torch.isfinite(L.fused_linear_kd(h, w, t_logits, strategy=strategy, chunk_size=1))
+    # taid_t = 1 is allowed: the target is the teacher, the loss forward KL
+    assert L.fused_linear_kd(h, w, t_logits, kind="taid", taid_t=1.0).item() == pytest.approx(
+        L.fused_linear_kd(h, w, t_logits).item(), rel=1e-6)
 
 
 # -- cross-entropy -------------------------------------------------------------------------------------------
@@ -400,3 +417,35 @@ def test_minilm_relation_kl_heads_and_shapes() -> None:
         L.minilm_relation_kl(*short, *qkv_t)
     with pytest.raises(InputError, match=r"^minilm_relation_kl: every Q/K/V must share \[B, T\]"):
         L.minilm_relation_kl(*qkv_s, qkv_t[0], qkv_t[1][:, :3], qkv_t[2])
+
+
+def test_errors_name_the_loss_and_hint_the_projector() -> None:
+    """Every hidden / attention / relation error starts with the loss's name; a width mismatch alone suggests
+    the projector with both widths, a mismatch of the leading dimensions does not."""
+    hs, ht = torch.randn(2, 3, 8), torch.randn(2, 3, 12)
+    for fn, name in ((L.hidden_mse, "hidden_mse"), (L.hidden_cosine, "hidden_cosine"),
+                     (lambda a, b, **k: L.attention_output_mse(a, b, **k), "attention_output_mse")):
+        with pytest.raises(InputError, match=rf"^{name}: student \(2, 3, 8\) and teacher \(2, 3, 12\) shapes differ; "
+                                             r"pass proj=HiddenProjector\(8, 12\)$"):
+            fn(hs, ht)
+        with pytest.raises(InputError, match=rf"^{name}: student \(2, 3, 12\) and teacher \(2, 4, 12\) shapes differ$"):
+            fn(ht, torch.randn(2, 4, 12))
+        with pytest.raises(InputError, match=rf"^{name}: attention_mask \(2, 4\) must have shape \(2, 3\)"):
+            fn(ht, ht, attention_mask=torch.ones(2, 4))
+    a = torch.softmax(torch.randn(2, 2, 3, 3), -1)
+    with pytest.raises(InputError, match=r"^attention_kl: attention_mask"):
+        L.attention_kl(a, a, torch.ones(2, 4))
+    with pytest.raises(InputError, match=r"^attention_kl: student \(2, 2, 3, 3\) and teacher \(2, 2, 4, 4\)"):
+        L.attention_kl(a, torch.softmax(torch.randn(2, 2, 4, 4), -1))
+    qkv = [torch.randn(2, 3, 8) for _ in range(3)]
+    with pytest.raises(InputError, match=r"^minilm_relation_kl: attention_mask"):
+        L.minilm_relation_kl(*qkv, *qkv, attention_mask=torch.ones(2, 4), num_relation_heads=2)
+    with pytest.raises(InputError, match=r"^minilm_relation_kl: Q/K/V must be .* got \(2, 3\)$"):
+        L.minilm_relation_kl(qkv[0][..., 0], *qkv[1:], *qkv, num_relation_heads=2)
+    with pytest.raises(InputError, match=r"^minilm_relation_kl: Q/K/V must be"):
+        L.minilm_relation_kl(*qkv, qkv[0][..., 0], *qkv[1:], num_relation_heads=2)
+    wide = [torch.randn(2, 3, 9) for _ in range(3)]
+    with pytest.raises(InputError, match=r"^minilm_relation_kl: hidden size 9 is not divisible"):
+        L.minilm_relation_kl(*wide, *qkv, num_relation_heads=2)
+    with pytest.raises(InputError, match=r"^minilm_relation_kl: hidden size 9 is not divisible"):
+        L.minilm_relation_kl(*qkv, *wide, num_relation_heads=2)

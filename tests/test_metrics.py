@@ -10,7 +10,8 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 
-from compress.tasks import get_task
+from compress.errors import InputError
+from compress.tasks import TASKS, get_task, mean_pool
 
 
 def _logits_with_argmax(preds: np.ndarray, n_classes: int, seed: int) -> torch.Tensor:
@@ -118,3 +119,90 @@ def test_causal_lm_fidelity_counts_the_predicted_positions() -> None:
     # one scored position: no floor on the count other than 1
     one = get_task("causal-lm").score([{"labels": torch.tensor([[2, 1, -100, -100]])}], [logits(s_pred)], [logits(t_pred)])
     assert one["fidelity"] == 1.0 and one["perplexity"] == pytest.approx(math.exp(-lp[0, 1].item()), rel=1e-6)
+
+
+def test_token_classification_scores_only_the_labelled_positions() -> None:
+    """[B, T, C] logits, labels with ignored (-100) positions: the scores equal scikit-learn's on the kept
+    positions, which differ from the scores over every position."""
+    rng = np.random.default_rng(3)
+    batches, s_out, t_out, y, p, tp = [], [], [], [], [], []
+    for rows, length in ((2, 6), (3, 4)):
+        labels = rng.integers(0, 3, (rows, length))
+        labels[rng.random((rows, length)) < 0.35] = -100
+        s = torch.tensor(rng.standard_normal((rows, length, 3)), dtype=torch.float32)
+        t = torch.tensor(rng.standard_normal((rows, length, 3)), dtype=torch.float32)
+        batches.append({"labels": torch.as_tensor(labels)})
+        s_out.append(s)
+        t_out.append(t)
+        keep = labels != -100
+        y.append(labels[keep])
+        p.append(s.argmax(-1).numpy()[keep])
+        tp.append(t.argmax(-1).numpy()[keep])
+    y, p, tp = np.concatenate(y), np.concatenate(p), np.concatenate(tp)
+    got = get_task("token-classification").score(batches, s_out, t_out)
+    assert got["accuracy"] == pytest.approx(accuracy_score(y, p), abs=1e-6)
+    assert got["f1_macro"] == pytest.approx(f1_score(y, p, average="macro"), abs=1e-6)
+    assert got["fidelity"] == pytest.approx(accuracy_score(tp, p), abs=1e-6)
+    all_s = np.concatenate([o.argmax(-1).numpy().ravel() for o in s_out])
+    all_t = np.concatenate([o.argmax(-1).numpy().ravel() for o in t_out])
+    assert abs(accuracy_score(all_t, all_s) - got["fidelity"]) > 1e-3  # the mask matters for this case
+    with pytest.raises(InputError, match="no labelled positions"):
+        get_task("token-classification").score([{"labels": torch.full((2, 6), -100)}], s_out[:1], t_out[:1])
+
+
+def test_mean_pool_and_features_without_a_mask() -> None:
+    h = torch.tensor([[[1.0, 2.0], [3.0, 6.0], [5.0, 1.0]]])
+    assert torch.equal(mean_pool(h, None), torch.tensor([[3.0, 3.0]]))
+    assert torch.allclose(mean_pool(h, torch.tensor([[1, 1, 0]])), torch.tensor([[2.0, 4.0]]))
+    assert torch.equal(mean_pool(h, torch.zeros(1, 3)), torch.zeros(1, 2))  # no valid token: 0, not NaN
+    s = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(1))
+    t = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(2))
+    got = get_task("feature-extraction").score([{}], [s], [t])
+    cos = torch.nn.functional.cosine_similarity(s.double().mean(1), t.double().mean(1), dim=-1)
+    assert got["cosine"] == pytest.approx(float(cos.mean()), rel=1e-5)
+
+
+def test_task_table_is_consistent() -> None:
+    """Every task's main metric is one of the keys its score returns; perplexity is the only lower-is-better
+    metric; classes exist for the labelled-class tasks only; an unknown task is a one-line InputError."""
+    rng = np.random.default_rng(4)
+    batches_2d = [{"labels": torch.as_tensor(rng.integers(0, 3, 4)), "attention_mask": torch.ones(4, 3)}]
+    for name, spec in TASKS.items():
+        assert spec.name == name
+        if spec.labels == "token-class":
+            batch = [{"labels": torch.as_tensor(rng.integers(0, 3, (2, 3)))}]
+            out = [torch.randn(2, 3, 3)]
+        elif spec.labels == "next-token":
+            batch = [{"labels": torch.as_tensor(rng.integers(0, 5, (2, 4)))}]
+            out = [torch.randn(2, 4, 5)]
+        elif spec.labels == "none":
+            batch, out = batches_2d, [torch.randn(4, 3, 6)]
+        else:
+            batch, out = batches_2d, [torch.randn(4, 3)]
+        assert spec.metric in spec.score(batch, out, out), name
+        assert spec.higher_is_better == (spec.metric != "perplexity"), name
+        assert spec.has_classes == (spec.labels in ("class", "token-class")), name
+    assert [n for n, s in TASKS.items() if s.has_classes] == ["sequence-classification", "token-classification",
+                                                              "image-classification"]
+    assert TASKS["feature-extraction"].distill_terms == "features" and TASKS["causal-lm"].output == "logits"
+    assert TASKS["feature-extraction"].output == "last_hidden_state"
+    with pytest.raises(InputError, match="^model.task: 'nope' is not one of sequence-classification, "):
+        get_task("nope")
+
+
+def test_synthetic_inputs_shapes_and_sizes_from_the_config() -> None:
+    from types import SimpleNamespace
+
+    text = get_task("sequence-classification").synthetic_inputs(SimpleNamespace(vocab_size=7), batch_size=3, seq_len=5)
+    assert set(text) == {"input_ids", "attention_mask"}
+    assert text["input_ids"].shape == (3, 5) and text["input_ids"].dtype == np.int64
+    assert text["input_ids"].min() >= 0 and text["input_ids"].max() < 7 and len(np.unique(text["input_ids"])) > 1
+    assert (text["attention_mask"] == 1).all() and text["attention_mask"].shape == (3, 5)
+    default = get_task("causal-lm").synthetic_inputs(None, batch_size=64, seed=1)
+    assert default["input_ids"].shape == (64, 16) and default["input_ids"].max() >= 90  # vocabulary 100
+    assert not np.array_equal(default["input_ids"], get_task("causal-lm").synthetic_inputs(None, batch_size=64)["input_ids"])
+    img = get_task("image-classification").synthetic_inputs(SimpleNamespace(image_size=8, num_channels=1), batch_size=2)
+    assert img["pixel_values"].shape == (2, 1, 8, 8) and img["pixel_values"].dtype == np.float32
+    assert get_task("image-classification").synthetic_inputs(None, batch_size=1)["pixel_values"].shape == (1, 3, 224, 224)
+    assert get_task("image-classification").synthetic_inputs(None, batch_size=1, image_size=4)["pixel_values"].shape == (1, 3, 4, 4)
+    assert 0.5 < img["pixel_values"].std() < 2.0  # standard normal
