@@ -281,7 +281,8 @@ else:
         vm[[4, 100, 250]] = False
         for name in ("forward_kl", "jsd", "taid"):
             fn, kw = LOGIT_FNS[name]
-            args = dict(temperature=1.2, labels=labels, ignore_index=7, vocab_mask=vm, **kw)
+            # the mask on the CPU: on a GPU run (COMPRESS_KERNEL_DEVICE=cuda) it has to be moved to the logits
+            args = dict(temperature=1.2, labels=labels, ignore_index=7, vocab_mask=vm.cpu(), **kw)
             x, y = s.clone().requires_grad_(), s.contiguous().requires_grad_()
             ker = fn(x, t, use_kernel=True, **args)
             ref = fn(y, t.contiguous(), use_kernel=False, **args)
