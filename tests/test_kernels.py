@@ -306,6 +306,9 @@ else:
         assert res[0][0] == pytest.approx(res[1][0], rel=1e-5)
         torch.testing.assert_close(res[0][1], res[1][1], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(res[0][2], res[1][2], rtol=1e-4, atol=1e-6)
+        # teacher logits with a last stride of exactly 2
+        ker, ref = (L.fused_linear_kd(h, w, t2, kind="forward_kl", use_kernel=k).item() for k in (True, False))
+        assert ker == pytest.approx(ref, rel=1e-5)
 
     def test_backward_scaling_happens_on_the_device() -> None:
         """grad_output is read by the kernel: exactly 1 leaves the buffer untouched, anything else scales it."""
