@@ -72,3 +72,36 @@ def relation_kl_float64(qkv_s: list[torch.Tensor], qkv_t: list[torch.Tensor], ma
                     per_query.append(float((r_t[i] * (r_t[i].log() - r_s[i].log())).sum()))
         total += sum(per_query) / len(per_query)
     return total
+
+
+def taid_rows_masked(s: torch.Tensor, teacher: torch.Tensor, t: float, tau: float) -> torch.Tensor:
+    """TAID's per-row divergence in float64 when some entries are -inf on one side only: the target
+    ``softmax(((1 - t) s + t z_T) / tau)`` over the entries finite on both sides (masked elsewhere), and
+    ``KL(p_t || q)`` summed over the target's support."""
+    xs = s.double() / tau
+    xt = teacher.double() / tau
+    both = torch.isfinite(xs) & torch.isfinite(xt)
+    rows = []
+    for i in range(xs.shape[0]):
+        keep = both[i]
+        target = (1 - t) * xs[i, keep] + t * xt[i, keep]
+        p = torch.softmax(target, -1)
+        log_q = torch.log_softmax(xs[i], -1)[keep]
+        rows.append((p * (p.log() - log_q)).sum())
+    return torch.stack(rows)
+
+
+def taid_t_sequence(losses: list[float], *, t_start: float, t_end: float, momentum: float, step_size: float,
+                    total_steps: int | None, eps: float = 1e-8) -> list[float]:
+    """TAID's interpolation t after each step, from the paper's update written out once more: relative
+    decrease of the loss, its exponential moving average, a sigmoid-scaled step towards 1, the linear floor."""
+    t, m, prev, out = t_start, 0.0, None, []
+    for n, loss in enumerate(losses, start=1):
+        delta = 0.0 if prev is None else (prev - loss) / (prev + eps)
+        m = momentum * m + (1 - momentum) * delta
+        proposal = t + step_size * (1 - t) / (1 + math.exp(-m))
+        floor = t_start if total_steps is None else t_start + (t_end - t_start) * min(1.0, n / total_steps)
+        t = min(t_end, max(floor, proposal))
+        prev = loss
+        out.append(t)
+    return out

@@ -269,6 +269,47 @@ else:
         # fp32 rounding differs with the chunking where q is ~1 (the large logit, |x| ~35): one ulp is ~4e-6
         torch.testing.assert_close(g_cols, g_rows, rtol=1e-4, atol=4e-6)
 
+    def test_strided_logits_vocab_mask_and_labels_reach_the_kernel() -> None:
+        """What the other kernel tests do not pass: logits whose last dimension is strided (a transposed
+        tensor), a vocab_mask (rather than -inf entries) and a custom ignore_index through the logit losses,
+        and strided teacher logits with int32 labels through fused_linear_kd's default strategy."""
+        s = make((V, 6), seed=13, dtype=torch.float32).t()  # [6, V], last-dim stride 6
+        t = make((V, 6), seed=14, dtype=torch.float32).t()
+        assert s.stride(-1) != 1 and t.stride(-1) != 1
+        labels = torch.tensor([1, 7, 2, 3, 7, 5])
+        vm = torch.ones(V, dtype=torch.bool)
+        vm[[4, 100, 250]] = False
+        for name in ("forward_kl", "jsd", "taid"):
+            fn, kw = LOGIT_FNS[name]
+            # the mask on the CPU: on a GPU run (COMPRESS_KERNEL_DEVICE=cuda) it has to be moved to the logits
+            args = dict(temperature=1.2, labels=labels, ignore_index=7, vocab_mask=vm.cpu(), **kw)
+            x, y = s.clone().requires_grad_(), s.contiguous().requires_grad_()
+            ker = fn(x, t, use_kernel=True, **args)
+            ref = fn(y, t.contiguous(), use_kernel=False, **args)
+            ker.backward()
+            ref.backward()
+            assert ker.item() == pytest.approx(ref.item(), rel=1e-5), name
+            torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-6)
+        s2, t2 = make((6, 2 * V), seed=15, dtype=torch.float32)[:, ::2], make((6, 2 * V), seed=16, dtype=torch.float32)[:, ::2]
+        assert s2.stride(-1) == 2 and t2.stride(-1) == 2  # a stride of 2 as well as a transposed layout
+        assert L.reverse_kl(s2, t2, use_kernel=True).item() == pytest.approx(
+            L.reverse_kl(s2.contiguous(), t2.contiguous(), use_kernel=False).item(), rel=1e-5)
+        torch.manual_seed(12)
+        h, w = torch.randn(6, 16), torch.randn(V, 16) * 0.4
+        res = []
+        for use_kernel in (True, False):
+            hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+            loss = L.fused_linear_kd(hh, ww, t, kind="reverse_kl", labels=labels.to(torch.int32), ignore_index=7,
+                                     vocab_mask=vm, use_kernel=use_kernel)
+            loss.backward()
+            res.append((loss.item(), hh.grad, ww.grad))
+        assert res[0][0] == pytest.approx(res[1][0], rel=1e-5)
+        torch.testing.assert_close(res[0][1], res[1][1], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(res[0][2], res[1][2], rtol=1e-4, atol=1e-6)
+        # teacher logits with a last stride of exactly 2
+        ker, ref = (L.fused_linear_kd(h, w, t2, kind="forward_kl", use_kernel=k).item() for k in (True, False))
+        assert ker == pytest.approx(ref, rel=1e-5)
+
     def test_backward_scaling_happens_on_the_device() -> None:
         """grad_output is read by the kernel: exactly 1 leaves the buffer untouched, anything else scales it."""
         x = torch.arange(10.0)

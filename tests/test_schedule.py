@@ -266,3 +266,124 @@ def test_optima_picks_the_arm_whose_loss_drops() -> None:
         pulls.append(arm)
     assert pulls[20:].count(2) >= 30, pulls
     assert relative_decrease(10.0, 9.0) == pytest.approx(0.1) and relative_decrease(10.0, 11.0) == pytest.approx(-0.1)
+
+
+# -- OPTIMA's posterior against a hand computation (issue 17, mutation triage) --------------------------
+
+
+def _posterior_by_hand(history: list[dict], num_arms: int, *, window: int | None, discount: float | None,
+                       prior_mean: float, prior_std: float, noise_std: float | None) -> tuple[list[float], list[float]]:
+    """Normal-normal conjugate posterior per arm, written out with loops: the last `window` rounds (or every
+    round, weighted discount**age, age 0 = the latest round), the pooled within-arm noise estimate."""
+    rounds = history[-window:] if window is not None else history
+    n, s, q = [0.0] * num_arms, [0.0] * num_arms, [0.0] * num_arms
+    for i, entry in enumerate(rounds):
+        if entry["reward"] is None:
+            continue
+        age = len(rounds) - 1 - i
+        w = discount**age if discount is not None else 1.0
+        for a in entry["arms"]:
+            n[a] += w
+            s[a] += w * entry["reward"]
+            q[a] += w * entry["reward"] ** 2
+    if noise_std is not None:
+        sigma = noise_std
+    else:
+        seen = [a for a in range(num_arms) if n[a] > 0]
+        dof = sum(n[a] for a in seen) - len(seen)
+        if dof < 1.0:
+            sigma = prior_std
+        else:
+            ss = sum(q[a] - s[a] ** 2 / n[a] for a in seen)
+            sigma = max((max(ss, 0.0) / dof) ** 0.5, 1e-6 * prior_std)
+    means, stds = [], []
+    for a in range(num_arms):
+        precision = 1 / prior_std**2 + n[a] / sigma**2
+        means.append((prior_mean / prior_std**2 + s[a] / sigma**2) / precision)
+        stds.append(precision**-0.5)
+    return means, stds
+
+
+def _with_history(sched: OptimaScheduler, rounds: list[tuple[list[int], float | None]]) -> OptimaScheduler:
+    sched.history = [{"round": i, "step": i * sched.interval, "arms": arms, "reward": r}
+                     for i, (arms, r) in enumerate(rounds)]
+    return sched
+
+
+@pytest.mark.parametrize("opts", [
+    dict(window=None, discount=0.7, prior_mean=0.3, prior_std=2.0, noise_std=None),
+    dict(window=3, discount=None, prior_mean=-0.2, prior_std=0.5, noise_std=0.4),
+    dict(window=None, discount=1.0, prior_mean=0.0, prior_std=1.5, noise_std=None),
+])
+def test_optima_posterior_matches_a_hand_computation(opts: dict) -> None:
+    rounds = [([0, 1], 0.5), ([1, 2], -0.1), ([0, 2], None), ([2, 3], 0.8), ([0, 3], 0.2), ([1, 3], 0.45)]
+    sched = _with_history(OptimaScheduler([[1], [2], [3], [4]], 5, arms_per_round=2, **opts), rounds)
+    mean, std = sched.posterior()
+    want_mean, want_std = _posterior_by_hand(sched.history, 4, **opts)
+    assert mean == pytest.approx(want_mean, rel=1e-12) and std == pytest.approx(want_std, rel=1e-12)
+
+
+def test_optima_posterior_long_discounted_history_and_noise_edges() -> None:
+    # 50 rounds at discount 0.5: rounds older than 1e-12 are cut off, the others keep their true ages
+    rng = np.random.default_rng(7)
+    rounds = [([int(a)], float(rng.normal(0.3 * a, 0.2))) for a in rng.integers(0, 3, 50)]
+    sched = _with_history(OptimaScheduler([[1], [2], [3]], 2, window=None, discount=0.5, prior_std=1.3), rounds)
+    want = _posterior_by_hand(sched.history, 3, window=None, discount=0.5, prior_mean=0.0, prior_std=1.3, noise_std=None)
+    assert list(sched.posterior()[0]) == pytest.approx(want[0], rel=1e-9)
+    assert list(sched.posterior()[1]) == pytest.approx(want[1], rel=1e-9)
+    # exactly one degree of freedom: the pooled estimate is used (not the prior)
+    one_dof = _with_history(OptimaScheduler([[1], [2]], 2, window=5, prior_std=3.0), [([0], 0.1), ([0], 0.7)])
+    assert one_dof.noise(*one_dof._weighted_stats()) == pytest.approx((0.18 / 1) ** 0.5)
+    # identical rewards: the noise floor is 1e-6 * prior_std
+    flat = _with_history(OptimaScheduler([[1], [2]], 2, window=5, prior_std=3.0), [([0], 0.4)] * 3)
+    assert flat.noise(*flat._weighted_stats()) == pytest.approx(3e-6)
+    # the defaults: window 10, prior N(0, 1), estimated noise, seed 0
+    many = [([i % 2], 0.1 * i) for i in range(14)]
+    default = _with_history(OptimaScheduler([[1], [2]], 2), many)
+    want = _posterior_by_hand(default.history, 2, window=10, discount=None, prior_mean=0.0, prior_std=1.0, noise_std=None)
+    assert list(default.posterior()[0]) == pytest.approx(want[0], rel=1e-12)
+    same_seed = OptimaScheduler([[1], [2]], 2, seed=0)
+    assert [default.rng.normal() for _ in range(3)] == [same_seed.rng.normal() for _ in range(3)]
+
+
+def test_optima_and_make_scheduler_arguments() -> None:
+    OptimaScheduler([[1]], 1, window=1)
+    OptimaScheduler([[1]], 1, window=None, discount=1.0)
+    for bad in (dict(window=0), dict(window=None, discount=0.0), dict(window=None, discount=1.5),
+                dict(prior_std=0.0), dict(noise_std=0.0)):
+        with pytest.raises(InputError, match="^schedule"):
+            OptimaScheduler([[1]], 1, **bad)
+    cfg = ScheduleConfig(kind="optima", modules=2, prior_mean=0.4, prior_std=2.5, noise_std=0.3, seed=5,
+                         arms_per_round=2)
+    sched = make_scheduler(cfg, 4)
+    assert (sched.prior_mean, sched.prior_std, sched.noise_std, sched.arms_per_round) == (0.4, 2.5, 0.3, 2)
+    # the seed reaches every kind's generator: the same config gives the same state
+    for kind in ("optima", "uniform", "round-robin"):
+        c = ScheduleConfig(kind=kind, modules=2, seed=11)
+        assert make_scheduler(c, 4).state_dict() == make_scheduler(c, 4).state_dict()
+        assert make_scheduler(c, 4).state_dict()["rng"] != make_scheduler(ScheduleConfig(kind=kind, modules=2), 4).state_dict()["rng"]
+
+
+def test_schedule_state_is_a_copy_both_ways() -> None:
+    sched = OptimaScheduler([[1], [2]], 2, seed=3)
+    sched.active_layers(0)
+    sched.update(0.5)
+    state = sched.state_dict()
+    state["history"][0]["arms"].append(7)
+    state["modules"][0].append(9)
+    state["rng"]["state"]["state"] = 1
+    assert sched.history[0]["arms"] != state["history"][0]["arms"] and sched.modules == [[1], [2]]
+    assert sched.state_dict()["rng"] != state["rng"]
+    fresh = OptimaScheduler([[1], [2]], 2, seed=3)
+    saved = sched.state_dict()
+    fresh.load_state_dict(saved)
+    saved["history"][0]["reward"] = 99.0
+    saved["rng"]["state"]["state"] = 2
+    assert fresh.history[0]["reward"] == 0.5 and fresh.state_dict()["rng"] == sched.state_dict()["rng"]
+
+
+def test_make_modules_rejects_bad_types_and_gaps() -> None:
+    for layers, modules in ((2.5, 2), (4, []), (3, [[1, 2.0], [3]]), (3, [[2, 3]])):
+        with pytest.raises(InputError, match="^schedule"):
+            make_modules(layers, modules)
+    assert make_scheduler(ScheduleConfig(kind="round-robin", modules=2, arms_per_round=2), 4).arms_per_round == 2

@@ -207,6 +207,8 @@ def reference_divergence_rows(
     """Per-row divergence (unscaled, fp32) of 2-D logits ``[N, V]``; ``kind`` is a kernel kind, the mixture
     is ``m = c_teacher p + c_student q``; ``mix`` is TAID's t. Differentiable wrt ``student``, NaN-free with
     -inf entries."""
+    if kind not in KERNEL_KINDS:  # before any arithmetic: the mixture's log(0) would fail first otherwise
+        raise InputError(f"unknown logit loss kind {kind!r}; choose one of {sorted(KERNEL_KINDS)}")
     xs = student.float() / temperature
     xt = teacher.detach().float() / temperature
     if vocab_mask is not None:
@@ -238,9 +240,7 @@ def reference_divergence_rows(
         return c_teacher * kl_p + c_student * kl_q
     if kind == "skew_kl":
         return kl_p
-    if kind == "skew_reverse_kl":
-        return kl_q
-    raise InputError(f"unknown logit loss kind {kind!r}; choose one of {sorted(KERNEL_KINDS)}")
+    return kl_q  # skew_reverse_kl
 
 
 def _logit_loss(
