@@ -195,3 +195,33 @@ def test_token_classification_scores_each_labelled_token():
     assert got.item() == pytest.approx(expect.item(), rel=1e-5)
     every_token = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean() * 4.0
     assert abs(every_token.item() - expect.item()) > 1e-3 * expect.item()  # the mask matters here
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_attention_term_compares_maps_before_the_students_attention_dropout(family):
+    """HF returns attention probabilities after their dropout: with the attention term on, the objective turns
+    the student's attention dropout off, so a training-mode step compares the maps themselves."""
+    if family == "bert":
+        student, teacher = pair()
+        for layer in student.bert.encoder.layer:
+            layer.attention.self.dropout.p = 0.9
+        student.dropout.p = 0.9  # the classifier's dropout, outside attention: it stays
+        task, b = "sequence-classification", batch()
+    else:
+        student, teacher = gpt2(2, seed=1), prepare_teacher(gpt2(4, seed=0))
+        for layer in student.transformer.h:
+            layer.attn.attn_dropout.p = 0.9
+        student.transformer.drop.p = 0.9  # the embeddings' dropout stays; eval mode only below
+        task, b = "causal-lm", batch(labels=False)
+    cfg = ObjectiveConfig(weights={"logit": 0.0, "attention": 1.0})
+    obj = DistillObjective(student, teacher, cfg, task=task)
+    student.eval()
+    reference = obj(b).terms["attention"]
+    if family == "bert":
+        student.train()  # attention dropout off: the same maps as in eval mode
+        assert torch.allclose(obj(b).terms["attention"], reference, atol=1e-6)
+        assert student.dropout.p == 0.9
+    else:
+        assert student.transformer.drop.p == 0.9
+    assert all(m.p == 0.0 for layer in obj.s_ad.layers for m in layer.attention.module.modules()
+               if isinstance(m, torch.nn.Dropout))

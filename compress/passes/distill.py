@@ -83,7 +83,7 @@ class Distill(Pass):
     Config = DistillConfig
     # 2: TAID's t follows the paper: a linear floor to t_end over the pass's steps (it was stuck near t_start),
     # adapted from the logit term (it was the total loss)
-    version = "2"
+    version = "3"  # 3: the attention-map term turns the student's attention dropout off
     uses_data = ("train", "eval")
     consumes = (Kind.TORCH_STUDENT, Kind.TEACHER)
     produces = (Kind.TORCH_STUDENT,)
