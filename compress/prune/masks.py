@@ -525,6 +525,45 @@ def keep_plan(model: nn.Module, z: Mapping[str, Tensor]) -> KeepPlan:
     return plan
 
 
+def exact_params(model: nn.Module, z: Mapping[str, Tensor]) -> int:
+    """Parameters of the model the plan of deterministic gates `z` makes (the expected count at P in {0, 1})."""
+    return int(round(float(expected_params(model, binary(z)))))
+
+
+def fit_budget(model: nn.Module, masks: MaskSet, max_params: int, iterations: int = 40) -> float:
+    """Shift every log_alpha by one constant c (in place; the learned ranking of units and the allocation across
+    granularities stay) so that the deterministic gates keep at most `max_params` parameters, with the largest
+    such c (bisection; the kept count grows with c). The Lagrangian brings the expected size to the target, but
+    after a short run the gates' P(z > 0) are not yet 0 or 1 and the deterministic model differs from the
+    expectation by a few points: this closes that gap. Returns c (0 when the budget already holds exactly)."""
+    def count(shift: float) -> int:
+        with torch.no_grad():
+            for gate in masks.gates.values():
+                gate.log_alpha.add_(shift)
+            n = exact_params(model, masks.deterministic())
+            for gate in masks.gates.values():
+                gate.log_alpha.sub_(shift)
+        return n
+
+    lo, hi = -30.0, 30.0
+    if count(lo) > max_params:
+        raise InputError(f"prune: {max_params} parameters cannot be reached by the learned masks' granularities "
+                         f"(the smallest model they make has {count(lo)}); add granularities or raise the target")
+    if count(hi) <= max_params:
+        lo = hi
+    else:
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            if count(mid) <= max_params:
+                lo = mid
+            else:
+                hi = mid
+    with torch.no_grad():
+        for gate in masks.gates.values():
+            gate.log_alpha.add_(lo)
+    return lo
+
+
 def materialise(model: nn.Module, masks: MaskSet) -> tuple[nn.Module, KeepPlan, dict[str, Tensor]]:
     """A copy of `model` with the deterministic gates folded in, the plan that removes the zeroed units, and
     the gates. `compress.prune.shrink.shrink(copy, plan)` then gives the smaller model."""
@@ -532,3 +571,112 @@ def materialise(model: nn.Module, masks: MaskSet) -> tuple[nn.Module, KeepPlan, 
     z = masks.deterministic()
     folded = fold_masks(copy.deepcopy(model), z)
     return folded, keep_plan(model, z), z
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+class Lagrange(nn.Module):
+    """The two Lagrange multipliers of the sparsity constraint (trained by gradient ascent)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lambda1 = nn.Parameter(torch.zeros(()))
+        self.lambda2 = nn.Parameter(torch.zeros(()))
+
+
+class TargetRamp:
+    """Step hook of the mask training: the target sparsity t ramps linearly from 0 to `final` over
+    `ramp_steps`, the log_alphas are clamped after each step, and the expected sparsity is recorded. Its
+    state is checkpointed with the trainer's (`state_dict`)."""
+
+    def __init__(self, masks: MaskSet, final: float, ramp_steps: int):
+        self.masks, self.final, self.ramp_steps = masks, final, max(1, ramp_steps)
+        self.target = 0.0
+        self.history: list[dict[str, float]] = []
+
+    def on_step_start(self, step: int) -> None:
+        self.target = self.final * min(1.0, step / self.ramp_steps)
+
+    def on_after_backward(self, step: int) -> None:
+        pass
+
+    def on_step_end(self, step: int, out: Any) -> None:
+        self.masks.clamp_()
+        terms = out.terms
+        self.history.append({"step": step, "target": self.target,
+                             "expected_sparsity": float(terms.get("expected_sparsity", float("nan")))})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state.get("history", []))
+
+
+def learn_masks(
+    student: nn.Module,
+    teacher: nn.Module,
+    *,
+    objective_cfg: Any,
+    task: str,
+    train_cfg: Any,
+    train_batches: Any,
+    target_sparsity: float,
+    granularities: tuple[str, ...] | list[str],
+    mask_lr: float = 0.05,
+    lambda_lr: float = 0.05,
+    ramp: float = 0.5,
+    init_keep: float = 0.95,
+    multiple: int = 1,
+    remap_every: int = 10,
+    checkpoint_dir: Any = None,
+    progress: Any = None,
+    label: str = "prune",
+    where: str = "prune",
+) -> tuple[MaskSet, dict[str, Any]]:
+    """Train hard-concrete masks over `student` (and the student itself) jointly with distillation from
+    `teacher` (compress.distill.objective.DistillObjective, its layer map dynamic when `objective_cfg.mapping`
+    says so, re-matched every `remap_every` steps through the masked student) plus the Lagrangian constraint
+    towards `target_sparsity` (of the student's parameters), with the one trainer (compress.train.trainer).
+    The target ramps linearly from 0 over the first `ramp` fraction of the steps. Returns the masks (in eval
+    mode: deterministic) and the trainer's result with `sparsity_curve` (target and expected sparsity per step)."""
+    from compress.distill.objective import DistillObjective
+    from compress.passes.common import model_inputs
+    from compress.train.trainer import ParamGroup, StepOutput, Trainer
+
+    if not 0 <= target_sparsity < 1:
+        raise InputError(f"{where}: target sparsity {target_sparsity:.4g} must be in [0, 1)")
+    device = next(student.parameters()).device
+    masks = MaskSet(student, granularities, init_keep=init_keep, multiple=multiple).to(device)
+    lagrange = Lagrange().to(device)
+    objective = DistillObjective(student, teacher, objective_cfg, task=task, where=where)
+    state = MaskState()
+    dynamic = objective.cfg.mapping.strategy == "dynamic"
+    steps_hint = train_cfg.steps or 1
+    hook = TargetRamp(masks, target_sparsity, int(math.ceil(ramp * steps_hint)))
+
+    def loss_fn(model: nn.Module, batch: dict[str, Tensor], step: int) -> StepOutput:
+        state.values = masks()
+        if dynamic and (step - 1) % remap_every == 0:
+            objective.match_layers(model_inputs(batch))
+        out = objective(batch, model=model)
+        sparsity = masks.expected_sparsity(student)
+        constraint = lagrangian(sparsity, hook.target, lagrange.lambda1, lagrange.lambda2)
+        terms = {**out.floats(), "lagrangian": float(constraint.detach()),
+                 "expected_sparsity": float(sparsity.detach()), "target_sparsity": hook.target}
+        return StepOutput(loss=out.total + constraint, terms=terms)
+
+    groups = [ParamGroup("masks", masks, lr=mask_lr, schedule=False),
+              ParamGroup("lagrange", lagrange, lr=lambda_lr, ascent=True, schedule=False)]
+    with apply_masks(student, state):
+        trainer = Trainer(student, train_cfg, loss_fn=loss_fn, train_batches=train_batches,
+                          checkpoint_dir=checkpoint_dir, extra_modules=objective.modules(), param_groups=groups,
+                          extra_state={"target_ramp": hook}, progress=progress, hooks=[hook], label=label)
+        hook.ramp_steps = max(1, int(math.ceil(ramp * trainer.total_steps)))
+        result = trainer.train()
+    masks.eval()
+    result["sparsity_curve"] = list(hook.history)
+    result["lambdas"] = [float(lagrange.lambda1.detach()), float(lagrange.lambda2.detach())]
+    result["layer_map"] = [list(p) for p in objective.pairs]
+    return masks, result
