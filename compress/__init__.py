@@ -6,6 +6,18 @@ from typing import Any
 __version__ = "0.1.0"
 
 
+def _register_pruned_types() -> None:
+    """Pruned models whose per-layer sizes a plain config cannot say are saved as `compress_pruned_<family>`
+    (compress.prune.reload); this makes `AutoModelFor...from_pretrained` load them once transformers is
+    imported, without importing transformers here."""
+    from compress.prune.reload import register_when_transformers_loads
+
+    register_when_transformers_loads()
+
+
+_register_pruned_types()
+
+
 def run(config: Any, overrides: list[str] | None = None, **kwargs: Any) -> Any:
     """Run a pipeline from a RunConfig or the path of a model.yaml; returns a RunResult."""
     from compress.pipeline import run as _run

@@ -1,0 +1,148 @@
+"""Vocabulary trimming for encoders: keep the embedding rows of the tokens the training texts use (plus the special
+tokens and an optional list) and rewrite the fast tokenizer to match.
+
+The choice: the tokenizer is rewritten, the graph is not. The trimmed tokenizer's vocabulary still holds every
+original token, so it splits any text exactly as before; a kept token gets its new id (its rank among the kept
+ids), a token that was not kept gets the unknown token's new id. Text whose tokens are all kept therefore
+tokenizes to the same tokens, and the trimmed model sees the same embedding rows as the original model did. The
+folder stays a plain HF folder (model + tokenizer.json) that loads without compress, and the ONNX graph takes
+the new ids directly, with no lookup table in it (the table would be as long as the original vocabulary, and
+it would sit in every exported graph).
+
+This works for WordPiece tokenizers (BERT, DistilBERT, MiniLM...), whose vocabulary is a token -> id map only.
+BPE and Unigram tokenizers (RoBERTa, GPT-2, LLaMA) refer to token ids in their merges / scores, so several tokens
+cannot share the unknown id there: trimming them is an InputError naming the tokenizer model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from compress.errors import InputError
+from compress.prune.plan import KeepPlan
+
+log = logging.getLogger(__name__)
+
+
+def _backend_json(tokenizer: Any) -> dict[str, Any]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise InputError(f"vocabulary trimming needs a fast tokenizer (tokenizers library); got {type(tokenizer).__name__}")
+    return json.loads(backend.to_str())
+
+
+def kept_token_ids(tokenizer: Any, texts: Iterable[str], extra: Iterable[str | int] = ()) -> list[int]:
+    """Original ids to keep: every token of `texts` (as the tokenizer splits them), the special tokens, and
+    `extra` (tokens or ids)."""
+    kept: set[int] = set(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
+    batch: list[str] = []
+    n = 0
+    for text in texts:
+        batch.append(text)
+        n += 1
+        if len(batch) == 512:
+            kept.update(i for ids in tokenizer(batch, add_special_tokens=True)["input_ids"] for i in ids)
+            batch = []
+    if batch:
+        kept.update(i for ids in tokenizer(batch, add_special_tokens=True)["input_ids"] for i in ids)
+    if n == 0:
+        raise InputError("vocabulary trimming: no training texts to collect tokens from")
+    vocab = tokenizer.get_vocab()
+    for item in extra:
+        if isinstance(item, int):
+            kept.add(item)
+        elif item in vocab:
+            kept.add(vocab[item])
+        else:
+            raise InputError(f"vocabulary trimming: extra token '{item}' is not in the tokenizer's vocabulary")
+    return sorted(kept)
+
+
+def trim_tokenizer(tokenizer: Any, kept: list[int]) -> Any:
+    """A fast tokenizer that splits text as `tokenizer` does and numbers kept tokens 0..len(kept)-1; tokens not
+    kept get the unknown token's new id. WordPiece only (see the module docstring)."""
+    from transformers import AutoTokenizer
+
+    data = _backend_json(tokenizer)
+    model = data.get("model", {})
+    if model.get("type") != "WordPiece":
+        raise InputError(f"vocabulary trimming: tokenizer model '{model.get('type')}' is not supported (WordPiece "
+                         "only: BERT-style encoders); leave vocab trimming off for this model")
+    unk = model.get("unk_token")
+    vocab: dict[str, int] = model["vocab"]
+    if unk not in vocab or vocab[unk] not in set(kept):
+        raise InputError("vocabulary trimming: the tokenizer has no unknown token to map dropped tokens to")
+    new_id = {old: new for new, old in enumerate(kept)}
+    unk_new = new_id[vocab[unk]]
+    model["vocab"] = {tok: new_id.get(old, unk_new) for tok, old in vocab.items()}
+    for added in data.get("added_tokens") or []:
+        if added["id"] not in new_id:
+            raise InputError(f"vocabulary trimming: added token '{added['content']}' must be kept")
+        added["id"] = new_id[added["id"]]
+    _remap_ids(data.get("post_processor"), new_id)
+    if data.get("padding") and "pad_id" in data["padding"]:
+        data["padding"]["pad_id"] = new_id.get(data["padding"]["pad_id"], unk_new)
+    text = json.dumps(data, ensure_ascii=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        _write_tokenizer_json(Path(tmp), text)
+        trimmed = AutoTokenizer.from_pretrained(tmp)
+    original_save = trimmed.save_pretrained
+
+    def save_pretrained(save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original_save(save_directory, *args, **kwargs)
+        _write_tokenizer_json(Path(save_directory), text)
+        return out
+
+    # tokenizers serialises a WordPiece vocabulary from its id -> token table, which keeps one token per id: the
+    # tokens that share the unknown id would be lost, so this object writes its tokenizer.json itself
+    trimmed.save_pretrained = save_pretrained
+    return trimmed
+
+
+def _write_tokenizer_json(folder: Path, text: str) -> None:
+    (folder / "vocab.txt").unlink(missing_ok=True)
+    tmp = folder / "tokenizer.json.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(folder / "tokenizer.json")
+
+
+def _remap_ids(node: Any, new_id: dict[int, int]) -> None:
+    """Special-token ids in a post-processor (TemplateProcessing's special_tokens, BertProcessing's cls/sep)."""
+    if isinstance(node, dict):
+        if node.get("type") == "Sequence":
+            for p in node.get("processors", []):
+                _remap_ids(p, new_id)
+        for entry in (node.get("special_tokens") or {}).values():
+            entry["ids"] = [new_id[i] for i in entry.get("ids", [])]
+        for key in ("cls", "sep"):
+            if isinstance(node.get(key), list) and len(node[key]) == 2:
+                node[key][1] = new_id[node[key][1]]
+
+
+def trim_vocab(model: nn.Module, tokenizer: Any, texts: Iterable[str], extra: Iterable[str | int] = ()) -> tuple[nn.Module, Any, list[int]]:
+    """(trimmed model, trimmed tokenizer, kept original ids) for `texts` (see the module docstring)."""
+    from compress.prune.shrink import shrink
+
+    kept = kept_token_ids(tokenizer, texts, extra)
+    new_tok = trim_tokenizer(tokenizer, kept)
+    return shrink(model, KeepPlan(vocab=kept)), new_tok, kept
+
+
+def save_trimmed(model: nn.Module, tokenizer: Any, folder: Path) -> Path:
+    """Save a trimmed model and tokenizer atomically (temp folder, then rename)."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder

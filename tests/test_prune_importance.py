@@ -1,0 +1,93 @@
+"""One-shot importance (compress.prune.importance) on constructed cases: a unit made useless is pruned first."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress.errors import InputError
+from compress.models import get_adapter, proj_weight
+from compress.prune.importance import count_params, plan_at_ratio, plan_for_target, score_units
+from compress.prune.plan import KeepPlan
+from compress.prune.shrink import shrink
+from tests.test_adapters import _build, _inputs
+
+
+def _silence(model, layer: int, head: int, neuron: int) -> None:
+    """Head `head` of `layer` outputs nothing (its v rows and o columns are 0) and FFN neuron `neuron` neither
+    (its up row, bias and down column are 0)."""
+    lv = get_adapter(model).layers[layer]
+    att, ffn = lv.attention, lv.ffn
+    hd = att.head_dim
+    with torch.no_grad():
+        att.proj_weight("v")[head * hd:(head + 1) * hd] = 0
+        att.proj_weight("q")[head * hd:(head + 1) * hd] = 0
+        att.proj_weight("k")[head * hd:(head + 1) * hd] = 0
+        for kind in ("q", "k", "v"):
+            b = att.proj_bias(kind)
+            if b is not None:
+                b[head * hd:(head + 1) * hd] = 0
+        att.proj_weight("o")[:, head * hd:(head + 1) * hd] = 0
+        proj_weight(ffn.up)[neuron] = 0
+        if ffn.up.bias is not None:
+            ffn.up.bias[neuron] = 0
+        proj_weight(ffn.down)[:, neuron] = 0
+
+
+@pytest.mark.parametrize("method", ["magnitude", "taylor", "activation"])
+def test_a_silenced_head_and_neuron_are_pruned_first(method: str) -> None:
+    model = _build("bert")
+    _silence(model, layer=1, head=2, neuron=5)
+    x = _inputs("bert")
+    batches = [{**x, "labels": torch.tensor([0, 1])}, {**_inputs("bert", seed=2), "labels": torch.tensor([1, 1])}]
+    scores = score_units(model, method, batches)
+    assert int(scores.heads[1].argmin()) == 2
+    assert int(scores.ffn[1].argmin()) == 5
+    assert float(scores.ffn[1][5]) < 1e-6 * float(scores.ffn[1].max()) or method == "magnitude" and float(scores.ffn[1][5]) == 0
+    plan = plan_at_ratio(model, scores, 0.75, granularities=("heads", "ffn"), scope="layer")
+    assert 2 not in plan.heads[1] and 5 not in plan.ffn[1] and len(plan.heads[1]) == 3
+
+
+def test_gqa_models_lose_whole_groups_and_hidden_channels_are_ranked() -> None:
+    model = _build("llama")  # 4 query heads in 2 kv groups
+    scores = score_units(model, "magnitude")
+    scores.heads[0] = torch.tensor([5.0, 5.0, 0.1, 0.2])
+    scores.hidden = torch.arange(32, dtype=torch.float)
+    plan = plan_at_ratio(model, scores, 0.5, granularities=("heads", "hidden"), scope="layer")
+    assert plan.heads[0] == [0, 1] and plan.hidden == list(range(16, 32))
+    shrink(model, plan)  # a valid grouping
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_plan_for_target_meets_a_params_target_and_rounds(scope: str) -> None:
+    model = _build("bert")
+    total = count_params(model)
+    scores = score_units(model, "magnitude")
+    plan = plan_for_target(model, scores, fraction=0.6, granularities=("heads", "ffn", "hidden"), scope=scope, round_to=8)
+    kept = count_params(model, plan)
+    assert 0.45 * total < kept <= 0.6 * total
+    assert kept == sum(p.numel() for p in shrink(model, plan).parameters())
+    assert all(len(v) % 8 == 0 for v in plan.ffn.values()) and len(plan.hidden) % 8 == 0
+    assert plan_for_target(model, scores, params=kept, granularities=("heads", "ffn", "hidden"), scope=scope,
+                           round_to=8).to_dict() == plan.to_dict()
+
+
+def test_count_params_of_a_plan_equals_the_shrunk_model() -> None:
+    model = _build("gpt2")  # tied LM head counted once
+    plan = KeepPlan(layers=[0, 2], heads={0: [1]}, ffn={2: list(range(7))}, hidden=list(range(12)), vocab=list(range(50)))
+    assert count_params(model, plan) == sum(p.numel() for p in shrink(model, plan).parameters())
+    assert count_params(model) == sum(p.numel() for p in model.parameters())
+
+
+def test_bad_targets_and_methods_are_input_errors() -> None:
+    model = _build("bert")
+    scores = score_units(model, "magnitude")
+    with pytest.raises(InputError, match="sparsity = 1 - fraction must stay below 1"):
+        plan_for_target(model, scores, fraction=0.0)
+    with pytest.raises(InputError, match="cannot be met by pruning heads, ffn"):
+        plan_for_target(model, scores, fraction=0.05, granularities=("heads", "ffn"))
+    with pytest.raises(InputError, match="importance method 'fisher': choose one of magnitude, taylor, activation"):
+        score_units(model, "fisher", [])
+    with pytest.raises(InputError, match="needs calibration batches"):
+        score_units(model, "taylor")
+    with pytest.raises(InputError, match="prune granularities: unknown vocabulary"):
+        plan_at_ratio(model, scores, 0.5, granularities=("vocabulary",))

@@ -1,0 +1,204 @@
+"""Physical pruning (compress.prune.shrink) against the masked model (compress.prune.apply) on tiny random models of
+every family; reload round trips in fresh processes (plain transformers for uniform sizes, `import compress` for the
+registered pruned types); bad plans are one-line InputErrors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from compress.errors import InputError
+from compress.models import get_adapter
+from compress.prune.apply import MaskSet, apply_masks
+from compress.prune.plan import KeepPlan
+from compress.prune.shrink import check_plan, layer_sizes, shrink
+from tests.test_adapters import FAMILIES, _build, _inputs
+
+
+def _out(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _plans(model: nn.Module) -> dict[str, KeepPlan]:
+    a = get_adapter(model)
+    hidden, nh, kv, ff = a.hidden_size, a.num_heads, a.num_kv_heads, a.intermediate_size
+    group = nh // kv
+    half = list(range(0, nh, 2)) if group == 1 else list(range(group))  # GQA: all of one group
+    return {
+        "uniform heads+ffn": KeepPlan(heads={i: half for i in range(3)}, ffn={i: list(range(0, ff, 2)) for i in range(3)}),
+        "per-layer, empty attention and FFN": KeepPlan(
+            heads={0: [], 1: [1] if group == 1 else [0, 1], 2: list(range(nh))}, ffn={0: [3, 7], 2: []}),
+        "layers+hidden": KeepPlan(layers=[0, 2], hidden=list(range(0, hidden, 2))),
+        "everything": KeepPlan(layers=[1, 2], heads={1: [0, 3] if group == 1 else [2, 3], 2: [1, 2] if group == 1 else [0, 2]},
+                               ffn={1: list(range(10))}, hidden=list(range(5, hidden))),
+    }
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_outputs_equal_masked_outputs(family: str) -> None:
+    model = _build(family)
+    inputs = _inputs(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = _out(model, inputs)
+    for name, plan in _plans(model).items():
+        pruned = shrink(model, plan)
+        got = _out(pruned, inputs)
+        with apply_masks(model, MaskSet.from_plan(model, plan)):
+            masked = _out(model, inputs)
+        assert got.shape == masked.shape
+        torch.testing.assert_close(got, masked, atol=1e-5, rtol=1e-4, msg=f"{family} / {name}")
+        assert not torch.allclose(got, reference, atol=1e-6), f"{family} / {name}: pruning changed nothing"
+        assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    # the original is untouched and no hook is left on it
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+    torch.testing.assert_close(_out(model, inputs), reference)
+
+
+def test_sizes_and_config_of_a_pruned_bert() -> None:
+    model = _build("bert")  # hidden 32, 4 heads of 8, FFN 64, 3 layers
+    plan = KeepPlan(heads={0: [], 1: [1, 2]}, ffn={1: [0, 5, 9], 2: []}, layers=[0, 1, 2])
+    pruned = shrink(model, plan)
+    assert layer_sizes(pruned) == [{"heads": 0, "kv_heads": 0, "ffn": 64}, {"heads": 2, "kv_heads": 2, "ffn": 3},
+                                   {"heads": 4, "kv_heads": 4, "ffn": 0}]
+    assert pruned.config.model_type == "compress_pruned_bert"
+    assert pruned.config.compress_pruning["heads"] == [0, 2, 4]
+    # the adapter still sees every layer of the pruned model (0 heads / 0 neurons where removed)
+    assert [lv.attention.num_heads for lv in get_adapter(pruned).layers] == [0, 2, 4]
+    # uniform and expressible (2 heads x 8 = hidden 16): a plain BERT config
+    plain = shrink(model, KeepPlan(heads={i: [0, 3] for i in range(3)}, hidden=list(range(16)),
+                                   ffn={i: list(range(40)) for i in range(3)}))
+    cfg = plain.config
+    assert (cfg.model_type, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == ("bert", 16, 2, 40)
+
+
+def test_llama_heads_and_hidden_stay_a_plain_config() -> None:
+    model = _build("llama")  # 4 query heads in 2 kv groups, head_dim 8, hidden 32
+    pruned = shrink(model, KeepPlan(heads={i: [2, 3] for i in range(3)}, hidden=list(range(20)),
+                                    ffn={i: list(range(24)) for i in range(3)}))
+    cfg = pruned.config
+    assert (cfg.model_type, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+            cfg.intermediate_size) == ("llama", 20, 2, 1, 8, 24)
+
+
+_RELOAD = """
+import json, sys, torch
+{imports}
+import transformers
+report = []
+for folder, auto in json.loads(sys.argv[1]):
+    m = getattr(transformers, auto).from_pretrained(folder).eval()
+    inputs = torch.load(folder + "/inputs.pt")
+    with torch.no_grad():
+        torch.save(m(**inputs).logits, folder + "/out.pt")
+    report.append(m.config.model_type)
+print(json.dumps({{"compress_loaded": "compress" in sys.modules, "types": report}}))
+"""
+
+
+def _reload_in_fresh_process(tmp_path: Path, cases: list[tuple[str, nn.Module, str]], imports: str) -> dict:
+    """Save each (family, pruned model, auto class), reload them all in one fresh process, compare outputs."""
+    specs = []
+    for family, model, auto in cases:
+        folder = tmp_path / family
+        model.save_pretrained(folder)
+        torch.save(_inputs(family), folder / "inputs.pt")
+        specs.append((str(folder), auto))
+    res = subprocess.run([sys.executable, "-c", _RELOAD.format(imports=imports), json.dumps(specs)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for family, model, _ in cases:
+        torch.testing.assert_close(torch.load(tmp_path / family / "out.pt"), _out(model, _inputs(family)),
+                                   atol=1e-6, rtol=1e-5)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_uniform_pruned_folders_reload_with_plain_transformers(tmp_path: Path) -> None:
+    bert = shrink(_build("bert"), KeepPlan(heads={i: [1, 2] for i in range(3)}, hidden=list(range(16)),
+                                           ffn={i: list(range(30)) for i in range(3)}, layers=[0, 2]))
+    qwen = shrink(_build("qwen2"), KeepPlan(heads={i: [0, 1] for i in range(3)}, hidden=list(range(3, 27)),
+                                            ffn={i: list(range(30)) for i in range(3)}))
+    info = _reload_in_fresh_process(tmp_path, [("bert", bert, "AutoModelForSequenceClassification"),
+                                               ("qwen2", qwen, "AutoModelForCausalLM")], imports="")
+    assert info == {"compress_loaded": False, "types": ["bert", "qwen2"]}
+
+
+def test_non_uniform_pruned_folders_reload_after_import_compress(tmp_path: Path) -> None:
+    plan = KeepPlan(heads={0: [], 1: [0, 3]}, ffn={1: list(range(9)), 2: []}, hidden=list(range(1, 30)))
+    cases = [(f, shrink(_build(f), plan), auto) for f, auto in (("distilbert", "AutoModelForSequenceClassification"),
+                                                                ("gpt2", "AutoModelForCausalLM"),
+                                                                ("vit", "AutoModelForImageClassification"))]
+    info = _reload_in_fresh_process(tmp_path, cases, imports="import compress")
+    assert info == {"compress_loaded": True,
+                    "types": ["compress_pruned_distilbert", "compress_pruned_gpt2", "compress_pruned_vit"]}
+
+
+def test_pruning_a_pruned_model_again() -> None:
+    model = _build("roberta")
+    once = shrink(model, KeepPlan(heads={0: [0, 1, 3]}, ffn={2: list(range(20))}))
+    twice = shrink(once, KeepPlan(heads={0: [0, 2], 1: []}, hidden=list(range(24))))
+    direct = KeepPlan(heads={0: [0, 3], 1: []}, ffn={2: list(range(20))}, hidden=list(range(24)))
+    inputs = _inputs("roberta")
+    torch.testing.assert_close(_out(twice, inputs), _out(shrink(model, direct), inputs), atol=1e-6, rtol=1e-5)
+    assert twice.config.compress_pruning["heads"] == [2, 0, 4]
+
+
+@pytest.mark.parametrize("plan,message", [
+    (KeepPlan(heads={0: [0, 2]}), "invalid GQA grouping"),  # one head from each of the 2 groups... then 1 and 1: valid
+    (KeepPlan(heads={0: [0, 1, 2]}), "invalid GQA grouping"),
+    (KeepPlan(layers=[]), "plan.layers: keeps nothing"),
+    (KeepPlan(hidden=[]), "plan.hidden: keeps nothing"),
+    (KeepPlan(ffn={1: [3, 2]}), "plan.ffn[1]: must be increasing"),
+    (KeepPlan(heads={7: [0]}), "plan.heads: layer 7 out of range"),
+    (KeepPlan(hidden=[0, 40]), "plan.hidden: must be increasing, distinct indices in 0..31"),
+])
+def test_bad_plans_are_one_line_input_errors(plan: KeepPlan, message: str) -> None:
+    model = _build("llama")
+    if message == "invalid GQA grouping" and plan.heads[0] == [0, 2]:
+        check_plan(model, plan)  # one query head in each group: a valid grouping
+        return
+    with pytest.raises(InputError, match=message.replace("[", r"\[").replace("]", r"\]")) as info:
+        shrink(model, plan)
+    assert "\n" not in str(info.value)
+
+
+def test_vocab_on_an_image_model_is_an_input_error() -> None:
+    with pytest.raises(InputError, match="plan.vocab: model type 'vit' has no vocabulary"):
+        check_plan(_build("vit"), KeepPlan(vocab=[0, 1]))
+
+
+_TASK = {"vit": "image-classification", "gpt2": "causal-lm", "llama": "causal-lm", "qwen2": "causal-lm"}
+_ONNX_PLANS = {
+    "uniform": lambda: KeepPlan(heads={i: [0, 1] for i in range(3)}, ffn={i: list(range(20)) for i in range(3)}),
+    "non-uniform": lambda: KeepPlan(heads={0: [], 1: [0, 1]}, ffn={1: list(range(9)), 2: []}, hidden=list(range(1, 30))),
+}
+
+
+def _onnx_parity(tmp_path: Path, family: str, kind: str) -> None:
+    from compress.onnx.export import export_onnx
+    from compress.onnx.parity import check_parity
+
+    pruned = shrink(_build(family), _ONNX_PLANS[kind]())
+    inputs = _inputs(family)
+    task = _TASK.get(family, "sequence-classification")
+    path = export_onnx(pruned, inputs, tmp_path / f"{family}-{kind}.onnx", task=task)
+    result = check_parity(pruned, path, inputs, task=task, atol=1e-4)
+    assert result.ok, result
+
+
+@pytest.mark.parametrize("family,kind", [("bert", "non-uniform")])
+def test_pruned_models_export_to_onnx_with_parity(tmp_path: Path, family: str, kind: str) -> None:
+    _onnx_parity(tmp_path, family, kind)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(_ONNX_PLANS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_models_of_every_family_export_to_onnx_with_parity(tmp_path: Path, family: str, kind: str) -> None:
+    _onnx_parity(tmp_path, family, kind)
