@@ -10,28 +10,22 @@ in training (sampled, so z is exactly 0 or 1 with positive probability), and det
 the largest log_alpha keep the value sigmoid(0.8 log_alpha / beta), the others 0).
 P(z > 0) = sigmoid(log_alpha - beta log(-l / r)).
 
-Granularities (`MaskSet`), each optional:
+Granularities (`LearnedMasks`), each optional:
 - `heads` [layers x kv groups]: a gate per key/value group with all its query heads (GQA-aware: a group is
   removed only with all of its query heads; for multi-head attention a group is one head);
 - `attention` [layers]: the whole attention sub-layer;
 - `ffn` [layers x d_ff]: FFN neurons (up / gate rows, down columns);
 - `ffn_layer` [layers]: the whole FFN sub-layer;
-- `hidden` [d]: hidden channels of the residual stream.
+- `hidden` [d]: hidden channels of the residual stream (binary in evaluation: 1 where z > 0).
 
-Where the gates act (`apply_masks`, forward hooks through the model adapters; every soft value sits at the
-output of a module with weights, so `fold_masks` can move it into those weights):
-- heads: the input of the attention output projection, per head (its columns);
-- attention x hidden: the output of the attention output projection (its rows and bias);
-- ffn: the input of the FFN down projection (its columns); ffn_layer x hidden: its output (rows, bias);
-- hidden: every norm that normalises the residual stream (the layers' two norms, the final norm, the
-  embeddings' LayerNorm, other hidden-size norms of the heads) is computed over the kept channels only (mean /
-  variance or RMS over the channels with z > 0) and its output multiplied by z; the input of the first layer
-  and the output of square hidden -> hidden Linears outside the layers (BERT's pooler, RoBERTa's classifier
-  dense, DistilBERT's pre-classifier) are multiplied by the binary keep mask (z > 0).
-A model whose pruned units are exactly zero thus computes what the physically smaller one does, so
-`fold_masks(model, z)` then `shrink(model, plan)` gives the model `apply_masks(model, z)` computes.
+The gates act through the one masked forward, `compress.prune.apply.apply_masks` (forward hooks through the
+model adapters, the definition `shrink` is tested against): heads on the o-projection's input, attention and
+hidden on its output, FFN neurons on the down projection's input, ffn_layer and hidden on its output, hidden on
+the first layer's input, the norms (statistics over the kept channels) and the other hidden writers. Every
+soft value of the deterministic gates sits on an o or down projection, so `fold_masks` moves them into those
+weights: then `shrink(folded, keep_plan(model, z))` computes what `apply_masks(model, z)` does.
 
-Expected size: `MaskSet.expected_params` is the expected parameter count of the materialised model, a
+Expected size: `LearnedMasks.expected_params` is the expected parameter count of the materialised model, a
 differentiable polynomial of the P(z > 0) (independent gates, as in CoFi): per layer the attention
 projections scale with the expected kept groups and hidden channels, the FFN with the expected kept neurons
 and hidden channels, and every other tensor with the expected hidden size along its dimensions of size d.
@@ -125,13 +119,13 @@ def _single_gates(shape: tuple[int, ...], init_keep: float) -> HardConcrete:
 # ---------------------------------------------------------------------------------------------- the mask set
 
 
-class MaskSet(nn.Module):
+class LearnedMasks(nn.Module):
     """The gates of one model, for the granularities asked (`granularities` among GRANULARITIES).
     `forward()` gives the gate values by granularity: sampled in train mode, deterministic in eval mode
     (with the consistency rules of `consistent`)."""
 
     def __init__(self, model: nn.Module, granularities: tuple[str, ...] | list[str], init_keep: float = 0.95,
-                 multiple: int = 1):
+                 multiple: int = 1, vocab_removed: int = 0):
         super().__init__()
         from compress.models import get_adapter
 
@@ -142,6 +136,7 @@ class MaskSet(nn.Module):
         layers = ad.layers
         self.num_layers = len(layers)
         self.groups = [lv.attention.num_kv_heads for lv in layers]
+        self.kv_groups = layers[0].attention.kv_groups if layers else 1
         self.ffn_sizes = [lv.ffn.intermediate_size for lv in layers]
         if len(set(self.groups)) > 1 or len(set(self.ffn_sizes)) > 1:
             raise InputError("learned masks: the model's layers have different sizes already; learn masks on a "
@@ -153,6 +148,8 @@ class MaskSet(nn.Module):
         shapes = {"heads": (n, g), "attention": (n,), "ffn": (n, f), "ffn_layer": (n,), "hidden": (self.hidden_size,)}
         self.gates = nn.ModuleDict({k: HardConcrete(shapes[k], init_keep) for k in self.granularities})
         self.params_start = sum(p.numel() for p in model.parameters())
+        # embedding rows that vocabulary trimming removes with the plan (counted out of the sizes below)
+        self.vocab_removed = vocab_removed
 
     def log_alphas(self) -> list[nn.Parameter]:
         return [gate.log_alpha for gate in self.gates.values()]
@@ -169,6 +166,8 @@ class MaskSet(nn.Module):
     def deterministic(self) -> dict[str, Tensor]:
         """Test-time gates (rounded to `multiple` for FFN neurons and hidden channels), made consistent."""
         z = {k: gate.deterministic(self.multiple if k in ("ffn", "hidden") else 1) for k, gate in self.gates.items()}
+        if "hidden" in z:  # hidden channels pass through norms: only 0/1 values fold into a smaller model
+            z["hidden"] = (z["hidden"] > 0).to(z["hidden"].dtype)
         return consistent(z)
 
     def probs(self) -> dict[str, Tensor]:
@@ -176,8 +175,13 @@ class MaskSet(nn.Module):
 
     def expected_params(self, model: nn.Module, probs: Mapping[str, Tensor] | None = None) -> Tensor:
         """E[parameters] of the materialised model under the gates' P(z > 0) (or `probs`; a dict of binary
-        keep masks gives the exact count of the model the plan makes)."""
-        return expected_params(model, self.probs() if probs is None else probs)
+        keep masks gives the exact count of the model the plan makes), less the trimmed vocabulary's rows."""
+        probs = self.probs() if probs is None else probs
+        total = expected_params(model, probs)
+        if self.vocab_removed:
+            h = probs["hidden"].sum() if "hidden" in probs else self.hidden_size
+            total = total - self.vocab_removed * h
+        return total
 
     def expected_sparsity(self, model: nn.Module) -> Tensor:
         return 1.0 - self.expected_params(model) / self.params_start
@@ -247,9 +251,20 @@ def expected_params(model: nn.Module, probs: Mapping[str, Tensor]) -> Tensor:
         total = total + neurons * (h + _bias(ffn.up)) + neurons * h + _bias(ffn.down) * h * f_i
         if ffn.gate is not None:
             total = total + neurons * (h + _bias(ffn.gate))
+        projections: set[int] = set()
         for m in (att.q, att.k, att.v, att.o, ffn.up, ffn.down, ffn.gate):
             if m is not None:
-                counted.update(id(p) for p in m.parameters())
+                projections.update(id(p) for p in m.parameters())
+        alive = 1 - (1 - a_i) * (1 - f_i)  # a layer without attention and FFN is dropped with its norms
+        owner: dict[int, Tensor] = {}
+        if lv.norm_position == "post":  # a removed post-norm sub-layer goes with its norm
+            owner.update({id(p): a_i for p in lv.attn_norm.parameters()})
+            owner.update({id(p): f_i for p in lv.ffn_norm.parameters()})
+        for p in lv.module.parameters():
+            if id(p) not in projections and id(p) not in counted:
+                total = total + _scaled(p, d, h) * owner.get(id(p), alive)
+                counted.add(id(p))
+        counted |= projections
     for p in model.parameters():
         if id(p) not in counted:
             total = total + _scaled(p, d, h)
@@ -259,164 +274,37 @@ def expected_params(model: nn.Module, probs: Mapping[str, Tensor]) -> Tensor:
 # ---------------------------------------------------------------------------------------------- masked forward
 
 
-def _norm_kind(module: nn.Module) -> str | None:
-    if isinstance(module, nn.LayerNorm):
-        return "layer"
-    if "RMSNorm" in type(module).__name__:
-        return "rms"
-    return None
+def to_maskset(values: Mapping[str, Tensor], kv_groups: int) -> Any:
+    """Gate values (granularity -> tensor, heads per kv group) as the `compress.prune.apply.MaskSet` the masked
+    forward reads (heads per query head)."""
+    from compress.prune.apply import MaskSet as Applied
+
+    heads = values.get("heads")
+    if heads is not None and kv_groups > 1:
+        heads = heads.repeat_interleave(kv_groups, dim=-1)
+    return Applied(heads=heads, attention=values.get("attention"), ffn=values.get("ffn"),
+                   ffn_layer=values.get("ffn_layer"), hidden=values.get("hidden"))
 
 
-def masked_norm(module: nn.Module, x: Tensor, keep: Tensor) -> Tensor:
-    """The norm `module` (LayerNorm or RMSNorm) of x computed over the channels where keep is 1 (what the
-    physically smaller norm computes on the kept channels; pruned channels come out as the formula gives them
-    and are zeroed by the caller)."""
-    kind = _norm_kind(module)
-    n = keep.sum().clamp(min=1.0)
-    xf = x.float()
-    k = keep.to(xf.dtype)
-    if kind == "layer":
-        eps = float(module.eps)
-        mean = (xf * k).sum(-1, keepdim=True) / n
-        var = (((xf - mean) * k) ** 2).sum(-1, keepdim=True) / n
-        y = (xf - mean) * torch.rsqrt(var + eps)
-        if module.weight is not None:
-            y = y * module.weight.float()
-        if getattr(module, "bias", None) is not None:
-            y = y + module.bias.float()
-        return y.to(x.dtype)
-    eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
-    ms = ((xf * k) ** 2).sum(-1, keepdim=True) / n
-    y = xf * torch.rsqrt(ms + eps)
-    return (module.weight * y.to(x.dtype)) if getattr(module, "weight", None) is not None else y.to(x.dtype)
-
-
-def hidden_norms(model: nn.Module) -> list[nn.Module]:
-    """Every norm over the hidden size: the layers' two norms, the final norm, and the LayerNorms / RMSNorms
-    outside the layers whose width is the hidden size (embeddings, heads)."""
-    from compress.models import get_adapter
-
-    ad = get_adapter(model)
-    d = ad.hidden_size
-    found: dict[int, nn.Module] = {}
-    layer_ids = {id(m) for lv in ad.layers for m in lv.module.modules()}
-    for lv in ad.layers:
-        for m in (lv.attn_norm, lv.ffn_norm):
-            found[id(m)] = m
-    for m in model.modules():
-        if id(m) in layer_ids or id(m) in found or _norm_kind(m) is None:
-            continue
-        w = getattr(m, "weight", None)
-        if isinstance(w, Tensor) and w.shape == (d,):
-            found[id(m)] = m
-    return list(found.values())
-
-
-def hidden_squares(model: nn.Module) -> list[nn.Module]:
-    """Linear layers outside the transformer layers mapping hidden -> hidden (BERT's pooler, RoBERTa's
-    classifier dense, DistilBERT's pre-classifier): their outputs are hidden channels too."""
-    from compress.models import get_adapter
-
-    ad = get_adapter(model)
-    d = ad.hidden_size
-    layer_ids = {id(m) for lv in ad.layers for m in lv.module.modules()}
-    return [m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in layer_ids
-            and m.in_features == d and m.out_features == d]
-
-
-class MaskState:
-    """The gate values the hooks read; set `values` before each forward (a new sample per training step)."""
-
-    def __init__(self, values: Mapping[str, Tensor] | None = None):
-        self.values: dict[str, Tensor] = dict(values or {})
-
-    def get(self, name: str) -> Tensor | None:
-        return self.values.get(name)
+def set_values(applied: Any, values: Mapping[str, Tensor], kv_groups: int) -> None:
+    """Replace the values an installed masked forward reads (a new sample each training step)."""
+    new = to_maskset(values, kv_groups)
+    for name in GRANULARITIES:
+        setattr(applied, name, getattr(new, name))
 
 
 @contextmanager
-def apply_masks(model: nn.Module, masks: MaskState | Mapping[str, Tensor]) -> Iterator[MaskState]:
-    """Run `model` with the gate values of `masks` (granularity -> tensor; a `MaskState` whose values may change
-    between forward passes) applied through forward hooks (see the module doc). Hooks are removed on exit."""
-    from compress.models import get_adapter
+def masked(model: nn.Module, values: Mapping[str, Tensor], kv_groups: int = 1) -> Iterator[Any]:
+    """`model` runs with the gate `values` (compress.prune.apply.apply_masks, the one masked forward that
+    `shrink` is tested against); yields the applied MaskSet (change its values with `set_values`)."""
+    from compress.prune.apply import apply_masks
 
-    state = masks if isinstance(masks, MaskState) else MaskState(masks)
-    ad = get_adapter(model)
-    layers = ad.layers
-    handles: list[Any] = []
-
-    def hidden_z() -> tuple[Tensor | None, Tensor | None]:
-        z = state.get("hidden")
-        return (None, None) if z is None else (z, (z > 0).to(z.dtype))
-
-    def head_pre(i: int, head_dim: int, per_group: int) -> Any:
-        def hook(module: nn.Module, args: tuple) -> Any:
-            z = state.get("heads")
-            if z is None:
-                return None
-            scale = z[i].repeat_interleave(per_group * head_dim)
-            return (args[0] * scale.to(args[0].dtype), *args[1:])
-        return hook
-
-    def units_pre(i: int) -> Any:
-        def hook(module: nn.Module, args: tuple) -> Any:
-            z = state.get("ffn")
-            if z is None:
-                return None
-            return (args[0] * z[i].to(args[0].dtype), *args[1:])
-        return hook
-
-    def out_hook(i: int, whole: str) -> Any:
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> Any:
-            w, (zh, _) = state.get(whole), hidden_z()
-            if w is None and zh is None:
-                return None
-            y = output
-            if w is not None:
-                y = y * w[i].to(y.dtype)
-            if zh is not None:
-                y = y * zh.to(y.dtype)
-            return y
-        return hook
-
-    def norm_hook(module: nn.Module, args: tuple, output: Any) -> Any:
-        zh, keep = hidden_z()
-        if zh is None:
-            return None
-        x = args[0]
-        return masked_norm(module, x, keep) * zh.to(x.dtype)
-
-    def first_pre(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-        _, keep = hidden_z()
-        if keep is None:
-            return None
-        if args and isinstance(args[0], Tensor):
-            return (args[0] * keep.to(args[0].dtype), *args[1:]), kwargs
-        if isinstance(kwargs.get("hidden_states"), Tensor):
-            kwargs = dict(kwargs, hidden_states=kwargs["hidden_states"] * keep.to(kwargs["hidden_states"].dtype))
-            return args, kwargs
-        return None
-
-    def square_hook(module: nn.Module, args: tuple, output: Tensor) -> Any:
-        _, keep = hidden_z()
-        return None if keep is None else output * keep.to(output.dtype)
-
+    applied = to_maskset(values, kv_groups)
+    handle = apply_masks(model, applied)
     try:
-        handles.append(layers[0].module.register_forward_pre_hook(first_pre, with_kwargs=True))
-        for lv in layers:
-            att = lv.attention
-            handles.append(att.o.register_forward_pre_hook(head_pre(lv.index, att.head_dim, att.kv_groups)))
-            handles.append(att.o.register_forward_hook(out_hook(lv.index, "attention")))
-            handles.append(lv.ffn.down.register_forward_pre_hook(units_pre(lv.index)))
-            handles.append(lv.ffn.down.register_forward_hook(out_hook(lv.index, "ffn_layer")))
-        for m in hidden_norms(model):
-            handles.append(m.register_forward_hook(norm_hook))
-        for m in hidden_squares(model):
-            handles.append(m.register_forward_hook(square_hook))
-        yield state
+        yield applied
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
 
 
 # ---------------------------------------------------------------------------------------------- materialise
@@ -440,38 +328,24 @@ def _scale_cols(module: nn.Module, scale: Tensor) -> None:
 
 
 def fold_masks(model: nn.Module, z: Mapping[str, Tensor]) -> nn.Module:
-    """Move the soft gate values of `z` (deterministic, consistent) into the weights of `model`, in place: then
-    `model` under the binary masks (z > 0) computes what it computed under `z`, and the removed units are zero
-    (so removing them physically changes nothing). Returns `model`."""
+    """Move the soft values of deterministic, consistent gates `z` into the weights of `model`, in place: head
+    values into the o-projection's input columns, attention values into its rows and bias, neuron values into
+    the down projection's columns, ffn_layer values into its rows and bias (hidden gates are 0/1 and stay masks).
+    Then `model` under the 0/1 masks `binary(z)` computes what it computed under `z`. Returns `model`."""
     from compress.models import get_adapter
 
     ad = get_adapter(model)
-    zh = z.get("hidden")
     with torch.no_grad():
         for lv in ad.layers:
             i, att = lv.index, lv.attention
             if "heads" in z:
                 _scale_cols(att.o, z["heads"][i].repeat_interleave(att.kv_groups * att.head_dim))
-            out = torch.ones(ad.hidden_size)
             if "attention" in z:
-                out = out * z["attention"][i]
-            if zh is not None:
-                out = out * zh
-            _scale_rows(att.o, out)
+                _scale_rows(att.o, z["attention"][i].expand(ad.hidden_size))
             if "ffn" in z:
                 _scale_cols(lv.ffn.down, z["ffn"][i])
-            out = torch.ones(ad.hidden_size)
             if "ffn_layer" in z:
-                out = out * z["ffn_layer"][i]
-            if zh is not None:
-                out = out * zh
-            _scale_rows(lv.ffn.down, out)
-        if zh is not None:
-            for m in hidden_norms(model):
-                if getattr(m, "weight", None) is not None:
-                    m.weight.mul_(zh.to(m.weight.dtype))
-                if getattr(m, "bias", None) is not None:
-                    m.bias.mul_(zh.to(m.bias.dtype))
+                _scale_rows(lv.ffn.down, z["ffn_layer"][i].expand(ad.hidden_size))
     return model
 
 
@@ -483,8 +357,7 @@ def binary(z: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def keep_plan(model: nn.Module, z: Mapping[str, Tensor]) -> KeepPlan:
     """The `KeepPlan` of deterministic, consistent gate values `z` for `model`: kept query heads (every head
     of a kept group), FFN neurons and hidden channels, by original index. A layer whose attention and FFN are
-    both removed is dropped only in pre-norm families (where it is then the identity); post-norm layers keep
-    their norms."""
+    both removed is dropped (it is the identity: a removed post-norm sub-layer skips its norm too)."""
     from compress.models import get_adapter
 
     ad = get_adapter(model)
@@ -505,7 +378,7 @@ def keep_plan(model: nn.Module, z: Mapping[str, Tensor]) -> KeepPlan:
                 plan.ffn[i] = []
             elif "ffn" in z:
                 plan.ffn[i] = [int(n) for n in torch.nonzero(z["ffn"][i] > 0).flatten().tolist()]
-        if attn_off and ffn_off and lv.norm_position == "pre":
+        if attn_off and ffn_off:
             dropped.append(i)
     if dropped:
         plan.layers = [i for i in range(len(ad.layers)) if i not in dropped]
@@ -525,12 +398,14 @@ def keep_plan(model: nn.Module, z: Mapping[str, Tensor]) -> KeepPlan:
     return plan
 
 
-def exact_params(model: nn.Module, z: Mapping[str, Tensor]) -> int:
-    """Parameters of the model the plan of deterministic gates `z` makes (the expected count at P in {0, 1})."""
-    return int(round(float(expected_params(model, binary(z)))))
+def exact_params(model: nn.Module, z: Mapping[str, Tensor], masks: LearnedMasks | None = None) -> int:
+    """Parameters of the model the plan of deterministic gates `z` makes (the expected count at P in {0, 1};
+    with `masks`, less the rows vocabulary trimming removes)."""
+    count = masks.expected_params(model, binary(z)) if masks is not None else expected_params(model, binary(z))
+    return int(round(float(count)))
 
 
-def fit_budget(model: nn.Module, masks: MaskSet, max_params: int, iterations: int = 40) -> float:
+def fit_budget(model: nn.Module, masks: LearnedMasks, max_params: int, iterations: int = 40) -> float:
     """Shift every log_alpha by one constant c (in place; the learned ranking of units and the allocation across
     granularities stay) so that the deterministic gates keep at most `max_params` parameters, with the largest
     such c (bisection; the kept count grows with c). The Lagrangian brings the expected size to the target, but
@@ -540,7 +415,7 @@ def fit_budget(model: nn.Module, masks: MaskSet, max_params: int, iterations: in
         with torch.no_grad():
             for gate in masks.gates.values():
                 gate.log_alpha.add_(shift)
-            n = exact_params(model, masks.deterministic())
+            n = exact_params(model, masks.deterministic(), masks)
             for gate in masks.gates.values():
                 gate.log_alpha.sub_(shift)
         return n
@@ -564,7 +439,7 @@ def fit_budget(model: nn.Module, masks: MaskSet, max_params: int, iterations: in
     return lo
 
 
-def materialise(model: nn.Module, masks: MaskSet) -> tuple[nn.Module, KeepPlan, dict[str, Tensor]]:
+def materialise(model: nn.Module, masks: LearnedMasks) -> tuple[nn.Module, KeepPlan, dict[str, Tensor]]:
     """A copy of `model` with the deterministic gates folded in, the plan that removes the zeroed units, and
     the gates. `compress.prune.shrink.shrink(copy, plan)` then gives the smaller model."""
     masks.eval()
@@ -590,7 +465,7 @@ class TargetRamp:
     `ramp_steps`, the log_alphas are clamped after each step, and the expected sparsity is recorded. Its
     state is checkpointed with the trainer's (`state_dict`)."""
 
-    def __init__(self, masks: MaskSet, final: float, ramp_steps: int):
+    def __init__(self, masks: LearnedMasks, final: float, ramp_steps: int):
         self.masks, self.final, self.ramp_steps = masks, final, max(1, ramp_steps)
         self.target = 0.0
         self.history: list[dict[str, float]] = []
@@ -624,17 +499,18 @@ def learn_masks(
     train_batches: Any,
     target_sparsity: float,
     granularities: tuple[str, ...] | list[str],
-    mask_lr: float = 0.05,
-    lambda_lr: float = 0.05,
-    ramp: float = 0.5,
-    init_keep: float = 0.95,
+    mask_lr: float = 0.1,
+    lambda_lr: float = 1.0,
+    ramp: float = 0.3,
+    init_keep: float = 0.99,
     multiple: int = 1,
     remap_every: int = 10,
+    vocab_removed: int = 0,
     checkpoint_dir: Any = None,
     progress: Any = None,
     label: str = "prune",
     where: str = "prune",
-) -> tuple[MaskSet, dict[str, Any]]:
+) -> tuple[LearnedMasks, dict[str, Any]]:
     """Train hard-concrete masks over `student` (and the student itself) jointly with distillation from
     `teacher` (compress.distill.objective.DistillObjective, its layer map dynamic when `objective_cfg.mapping`
     says so, re-matched every `remap_every` steps through the masked student) plus the Lagrangian constraint
@@ -648,16 +524,16 @@ def learn_masks(
     if not 0 <= target_sparsity < 1:
         raise InputError(f"{where}: target sparsity {target_sparsity:.4g} must be in [0, 1)")
     device = next(student.parameters()).device
-    masks = MaskSet(student, granularities, init_keep=init_keep, multiple=multiple).to(device)
+    masks = LearnedMasks(student, granularities, init_keep=init_keep, multiple=multiple,
+                         vocab_removed=vocab_removed).to(device)
     lagrange = Lagrange().to(device)
     objective = DistillObjective(student, teacher, objective_cfg, task=task, where=where)
-    state = MaskState()
     dynamic = objective.cfg.mapping.strategy == "dynamic"
     steps_hint = train_cfg.steps or 1
     hook = TargetRamp(masks, target_sparsity, int(math.ceil(ramp * steps_hint)))
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor], step: int) -> StepOutput:
-        state.values = masks()
+        set_values(applied, masks(), masks.kv_groups)
         if dynamic and (step - 1) % remap_every == 0:
             objective.match_layers(model_inputs(batch))
         out = objective(batch, model=model)
@@ -669,7 +545,7 @@ def learn_masks(
 
     groups = [ParamGroup("masks", masks, lr=mask_lr, schedule=False),
               ParamGroup("lagrange", lagrange, lr=lambda_lr, ascent=True, schedule=False)]
-    with apply_masks(student, state):
+    with masked(student, {}, masks.kv_groups) as applied:
         trainer = Trainer(student, train_cfg, loss_fn=loss_fn, train_batches=train_batches,
                           checkpoint_dir=checkpoint_dir, extra_modules=objective.modules(), param_groups=groups,
                           extra_state={"target_ramp": hook}, progress=progress, hooks=[hook], label=label)
