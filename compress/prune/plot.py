@@ -33,7 +33,9 @@ def plot_kept(metrics: dict[str, Any], path: Path, title: str = "pruning: kept p
         ax.set_xticks(x, [str(i) for i in x])
         ax.set_xlabel("layer (0 = first; a dropped layer keeps 0)")
         ax.set_title(label)
-        ax.legend(loc="upper right", fontsize=8)
+        top = max([b[key] for b in before] + values + [1])
+        ax.set_ylim(0, top * 1.3)  # room for the legend above the bars
+        ax.legend(loc="upper right", fontsize=8, ncol=2)
     info = [f"params {metrics.get('params_before', '?'):,} -> {metrics.get('params_after', '?'):,}"
             if isinstance(metrics.get("params_before"), int) else ""]
     if metrics.get("hidden_before") != metrics.get("hidden_after"):
