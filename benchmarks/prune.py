@@ -81,7 +81,7 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args()
 
-    work = Path(args.work or tempfile.mkdtemp(prefix="bench-prune-"))
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-prune-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache).resolve() if args.cache else work / "cache"
     base = yaml.safe_load(Path(args.config).read_text())

@@ -136,3 +136,23 @@ def test_unreachable_targets_exit_2(tmp_path, bert4_dir, data_dir, capsys):
     assert main(["run", str(cfg), "-q"]) == 2
     line = _one_line_error(capsys)
     assert "below the floor" in line and "latency_ms" in line
+
+
+def test_vocab_trimmed_student_keeps_the_teachers_ids(tmp_path, bert4_dir, data_dir):
+    """After vocabulary trimming the teacher still reads original ids: distill maps the student's ids back and
+    evaluate tokenizes for the teacher with its own tokenizer, so the teacher's reference is unchanged."""
+    from compress.prune.idmap import load_id_map
+
+    passes = [FINETUNE, {"type": "prune", "method": "magnitude", "granularities": ["vocab"], "target": {"fraction": 0.5}},
+              {"type": "distill", "steps": 2, "batch_size": 16, "lr": 1e-3}, {"type": "export"}, {"type": "evaluate"}]
+    cfg = _write(tmp_path, bert4_dir, data_dir, passes)
+    assert main(["run", str(cfg), "-q"]) == 0, _report(tmp_path)["error"]
+    trimmed = _report(tmp_path)["evaluation"]
+    id_map = load_id_map(tmp_path / "out" / "model")
+    assert id_map is not None and len(id_map) == _report(tmp_path)["passes"][1]["metrics"]["vocab_after"]
+    cfg = _write(tmp_path, bert4_dir, data_dir, [FINETUNE, {"type": "export"}, {"type": "evaluate"}])
+    assert main(["run", str(cfg), "-q"]) == 0
+    plain = _report(tmp_path)["evaluation"]
+    assert trimmed["teacher"]["accuracy"] == plain["teacher"]["accuracy"]
+    # the distilled trimmed student agrees with its teacher as a student should (the ids were mapped)
+    assert trimmed["variants"]["fp32"]["fidelity"] >= 0.5

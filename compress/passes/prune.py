@@ -205,6 +205,11 @@ class Prune(Pass):
                              f"granularities {grans} (the pruned model has {after}); add granularities or raise it")
         self._metrics(ctx, model, pruned, plan, before, after, layers_before)
         folder = ctx.save_student(pruned.cpu(), new_pre)
+        if kept_vocab is not None:  # the teacher keeps the original ids: distill maps them (compress.prune.idmap)
+            from compress.prune.idmap import load_id_map, save_id_map
+
+            previous = load_id_map(artifact.model_dir)  # trimmed twice: compose with the earlier map
+            save_id_map(folder, kept_vocab if previous is None else previous[torch.tensor(kept_vocab)].tolist())
         return artifact.replace(model_dir=folder)
 
     # ------------------------------------------------------------------------------------------------ parts
