@@ -192,9 +192,24 @@ def _onnx_parity(tmp_path: Path, family: str, kind: str) -> None:
     assert result.ok, result
 
 
-@pytest.mark.parametrize("family,kind", [("bert", "non-uniform")])
-def test_pruned_models_export_to_onnx_with_parity(tmp_path: Path, family: str, kind: str) -> None:
-    _onnx_parity(tmp_path, family, kind)
+def test_a_pruned_type_runs_through_the_export_pass_with_fusion(tmp_path: Path, tiny_bert_dir: Path, data_dir: Path) -> None:
+    """A non-uniform pruned BERT folder (compress_pruned_bert, an empty attention and FFN, hidden pruned) is loaded
+    by compress, exported with parity and fused by ORT's BERT optimizer as its family."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from compress.cli import main
+    from tests.conftest import make_config
+
+    teacher = BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2).eval()
+    pruned = shrink(teacher, KeepPlan(heads={0: [0, 2], 1: []}, ffn={0: list(range(40)), 1: []}, hidden=list(range(24))))
+    folder = tmp_path / "pruned"
+    pruned.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(folder)
+    cfg = make_config(tmp_path, folder, data_dir, passes=[{"type": "export"}])
+    assert main(["run", str(cfg), "-q"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    metrics = report["passes"][0]["metrics"]
+    assert metrics["parity_max_abs_diff"] < 1e-4 and metrics["fused"] is True, metrics
 
 
 @pytest.mark.slow
@@ -202,3 +217,47 @@ def test_pruned_models_export_to_onnx_with_parity(tmp_path: Path, family: str, k
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pruned_models_of_every_family_export_to_onnx_with_parity(tmp_path: Path, family: str, kind: str) -> None:
     _onnx_parity(tmp_path, family, kind)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_soft_masks_materialise_to_a_model_that_computes_the_masked_outputs(family: str) -> None:
+    from compress.prune.apply import materialize
+
+    model = _build(family)
+    a = get_adapter(model)
+    g = torch.Generator().manual_seed(3)
+
+    def soft(n: int, zeros: list[int]) -> torch.Tensor:
+        m = 0.3 + 0.7 * torch.rand(n, generator=g)
+        m[zeros] = 0
+        return m
+
+    group = a.num_heads // a.num_kv_heads
+    masks = MaskSet(
+        heads={0: soft(a.num_heads, list(range(group))), 2: soft(a.num_heads, [])},
+        attention={1: torch.tensor(0.0), 2: torch.tensor(0.8)},
+        ffn={0: soft(a.intermediate_size, [1, 4, 9]), 1: soft(a.intermediate_size, [])},
+        ffn_layer={2: torch.tensor(0.5)},
+        hidden=soft(a.hidden_size, [0, 7, 8, 20]),
+    )
+    inputs = _inputs(family)
+    with apply_masks(model, masks):
+        masked = _out(model, inputs)
+    pruned, plan = materialize(model, masks)
+    assert plan.heads[1] == [] and len(plan.heads[0]) == a.num_heads - group and len(plan.hidden) == a.hidden_size - 4
+    torch.testing.assert_close(_out(pruned, inputs), masked, atol=1e-5, rtol=1e-4)
+
+
+def test_rounding_a_plan_keeps_multiples_and_whole_heads() -> None:
+    from compress.prune.importance import round_plan, score_units
+
+    model = _build("bert")
+    scores = score_units(model, "magnitude")
+    plan = KeepPlan(heads={0: [1]}, ffn={0: [3, 5, 60], 1: []}, hidden=list(range(9)))
+    rounded = round_plan(model, plan, 8, scores)
+    assert len(rounded.ffn[0]) == 8 and {3, 5, 60} <= set(rounded.ffn[0]) and rounded.ffn[1] == []
+    assert len(rounded.hidden) == 16 and set(range(9)) <= set(rounded.hidden) and rounded.heads == {0: [1]}
+    best_missing = sorted((j for j in range(64) if j not in (3, 5, 60)), key=lambda j: -float(scores.ffn[0][j]))[:5]
+    assert set(rounded.ffn[0]) == {3, 5, 60, *best_missing}
+    with pytest.raises(InputError, match="prune round_to: 12 should be one of 8, 16"):
+        round_plan(model, plan, 12)

@@ -11,15 +11,21 @@ that multiply units by mask values; `shrink(model, plan)` gives the same outputs
   sub-layer is the identity (as CoFi does when the sub-layer's output is all zeros);
 - ffn[l] ([intermediate]): multiplies the down projection's input; ffn_layer[l] (scalar): its output, with the
   same post-norm rule;
-- hidden ([hidden]): multiplies the input of the first layer (the embeddings' output), the output of every
-  projection that writes the hidden size (o, down, and outside the layers a pooler's or classifier's dense)
-  and of every LayerNorm/RMSNorm of hidden width, and each such norm computes its statistics over the
-  channels whose mask is non-zero only (CoFi's hidden masking). With 0/1 masks the removed channels are exactly
-  0 everywhere, which is what removing them computes.
+- hidden ([hidden]): multiplies the output of every projection that writes the hidden size (o, down, and
+  outside the layers a pooler's or classifier's dense) and of every LayerNorm/RMSNorm of hidden width, and each
+  such norm computes its statistics over the channels whose mask is non-zero only (CoFi's hidden masking); the
+  input of the first layer (the embeddings' output) is multiplied by the mask's 0/1 indicator (mask != 0). With
+  0/1 masks the removed channels are exactly 0 everywhere, which is what removing them computes; soft values
+  sit only where `fold_masks` can put them into weights.
 
 Mask values are read at every forward from the `MaskSet` (dicts of tensors, or tensors indexed by layer), so a
 learner can replace them (e.g. hard-concrete samples that require grad) between steps; gradients flow to them.
 Whole layers in a plan become attention = ffn_layer = 0 (the layer is then the identity).
+
+Soft masks (values in (0, 1]) are materialised by `materialize(model, masks)`: `fold_masks` multiplies the values
+into the weights (o columns per head, o rows and bias by the attention scalar and the hidden mask, down columns per
+neuron, down rows and bias, norms' weight and bias, the outside writers), `plan_from_masks` keeps the units whose
+mask is non-zero, and `shrink` removes the rest; the result computes what the masked model computes.
 """
 from __future__ import annotations
 
@@ -153,11 +159,13 @@ def apply_masks(model: nn.Module, masks: MaskSet) -> MaskHandle:
     def hidden() -> torch.Tensor | None:
         return masks.hidden
 
-    # hidden: the stream entering layer 0
+    # hidden: the stream entering layer 0, by the 0/1 indicator of the mask (soft values are carried by the
+    # writers and the norms, so that they fold into weights exactly, tied embeddings included)
     def enter(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         m = hidden()
         if m is None:
             return None
+        m = (m != 0).to(m.dtype)
         if args and isinstance(args[0], torch.Tensor):
             return (_scale_last(args[0], m), *args[1:]), kwargs
         if isinstance(kwargs.get("hidden_states"), torch.Tensor):
@@ -227,3 +235,96 @@ def apply_masks(model: nn.Module, masks: MaskSet) -> MaskHandle:
     for w in sites.writers if sites is not None else []:
         handles.append(w.register_forward_hook(writer_out))
     return MaskHandle(handles)
+
+
+# ---------------------------------------------------------------------------------------------------- materialise
+
+
+def plan_from_masks(model: nn.Module, masks: MaskSet, threshold: float = 0.0) -> KeepPlan:
+    """The units whose mask value is above `threshold` (layers whose attention and FFN are both removed are
+    dropped as layers). GQA: the kept query heads must form a valid grouping (see `shrink.check_plan`)."""
+    adapter = get_adapter(model)
+    plan = KeepPlan()
+    dropped: list[int] = []
+    for lv in adapter.layers:
+        i = lv.index
+        att_z, ffn_z = _at(masks.attention, i), _at(masks.ffn_layer, i)
+        att_off = att_z is not None and float(att_z) <= threshold
+        ffn_off = ffn_z is not None and float(ffn_z) <= threshold
+        if att_off and ffn_off:
+            dropped.append(i)
+            continue
+        h = _at(masks.heads, i)
+        if att_off:
+            plan.heads[i] = []
+        elif h is not None:
+            plan.heads[i] = (h.detach() > threshold).nonzero().flatten().tolist()
+        f = _at(masks.ffn, i)
+        if ffn_off:
+            plan.ffn[i] = []
+        elif f is not None:
+            plan.ffn[i] = (f.detach() > threshold).nonzero().flatten().tolist()
+    if dropped:
+        plan.layers = [lv.index for lv in adapter.layers if lv.index not in dropped]
+    if masks.hidden is not None:
+        plan.hidden = (masks.hidden.detach() > threshold).nonzero().flatten().tolist()
+    return plan
+
+
+def _scale_rows(module: nn.Module, scale: torch.Tensor) -> None:
+    """Output features of a Linear / Conv1D times `scale` ([out] or a scalar), bias included."""
+    from compress.models import proj_weight
+
+    w = proj_weight(module)
+    w.mul_(scale.reshape(-1, 1) if scale.dim() else scale)
+    if getattr(module, "bias", None) is not None:
+        module.bias.mul_(scale)
+
+
+def fold_masks(model: nn.Module, masks: MaskSet) -> nn.Module:
+    """A copy of `model` whose plain forward computes what `model` under `apply_masks(masks)` computes on the
+    channels that stay (the removed ones still hold their weights: `shrink` drops them, and only then do the norms
+    normalise over the kept channels alone)."""
+    import copy
+
+    from compress.models import proj_weight
+
+    folded = copy.deepcopy(model)
+    adapter = get_adapter(folded)
+    with torch.no_grad():
+        for lv in adapter.layers:
+            i, att, ffn = lv.index, lv.attention, lv.ffn
+            h = _at(masks.heads, i)
+            if h is not None and att.num_heads:
+                proj_weight(att.o).mul_(h.detach().to(proj_weight(att.o).dtype).repeat_interleave(att.head_dim))
+            z = _at(masks.attention, i)
+            if z is not None and att.num_heads:
+                _scale_rows(att.o, z.detach())
+            f = _at(masks.ffn, i)
+            if f is not None and ffn.intermediate_size:
+                proj_weight(ffn.down).mul_(f.detach().to(proj_weight(ffn.down).dtype))
+            z = _at(masks.ffn_layer, i)
+            if z is not None and ffn.intermediate_size:
+                _scale_rows(ffn.down, z.detach())
+        if masks.hidden is not None:
+            hz = masks.hidden.detach()
+            sites = hidden_sites(adapter)
+            for lv in adapter.layers:
+                for m in (lv.attention.o, lv.ffn.down):
+                    if getattr(m, "weight", None) is not None and m.weight.numel():
+                        _scale_rows(m, hz)
+            for m in sites.writers:
+                _scale_rows(m, hz)
+            for norm in sites.norms:
+                norm.weight.mul_(hz)
+                if getattr(norm, "bias", None) is not None:
+                    norm.bias.mul_(hz)
+    return folded
+
+
+def materialize(model: nn.Module, masks: MaskSet, threshold: float = 0.0) -> tuple[nn.Module, KeepPlan]:
+    """(the physically pruned model that computes what the masked model computes, the plan it kept)."""
+    from compress.prune.shrink import shrink
+
+    plan = plan_from_masks(model, masks, threshold)
+    return shrink(fold_masks(model, masks), plan), plan

@@ -249,7 +249,7 @@ def _pruned_init(base: type) -> Any:
 
         from compress.models.base import FAMILY_SPECS
         from compress.models.families import resolve_config_fields
-        from compress.prune.shrink import shrink_in_place
+        from compress.prune.surgery import shrink_in_place
 
         _register_family_spec(base_family(config))
         fields = resolve_config_fields(config, FAMILY_SPECS[config.model_type])
