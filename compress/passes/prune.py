@@ -145,6 +145,7 @@ class Prune(Pass):
         from compress.models.loading import count_params
         from compress.prune.importance import plan_for_target
         from compress.prune.plan import KeepPlan
+        from compress.models import get_adapter
         from compress.prune.shrink import layer_sizes, shrink
 
         cfg: PruneConfig = self.config  # type: ignore[assignment]
@@ -182,6 +183,8 @@ class Prune(Pass):
         if cfg.target.latency_ms is not None:
             plan = self._plan_for_latency(model, scores, importance_grans, kept_vocab, ctx)
             target_params = count_params(model, plan) if plan is not None else before
+            if plan is not None and kept_vocab is not None:  # and the extra row trimming adds
+                target_params += len(plan.hidden) if plan.hidden is not None else get_adapter(model).hidden_size
             ctx.metrics["latency_plan_params"] = target_params
         assert target_params is not None
         ctx.metrics["target_params"] = target_params
@@ -192,13 +195,18 @@ class Prune(Pass):
             pruned, plan = self._learn(artifact, model, pre, structural, kept_vocab, target_params, seed, ctx)
         else:
             if plan is None:
-                if importance_grans:
-                    plan = plan_for_target(model, scores, params=min(target_params, before),
+                if importance_grans:  # trimming adds one row (id K, where dropped tokens go): leave room for it
+                    room = get_adapter(model).hidden_size if kept_vocab is not None else 0
+                    plan = plan_for_target(model, scores, params=min(target_params, before) - room,
                                            granularities=importance_grans, scope=cfg.scope, round_to=cfg.round_to,
                                            keep_vocab=kept_vocab)
                 else:
                     plan = KeepPlan(vocab=kept_vocab)
-            pruned = shrink(model, plan)
+            pruned = shrink(model, KeepPlan(layers=plan.layers, heads=plan.heads, ffn=plan.ffn, hidden=plan.hidden))
+        if kept_vocab is not None:  # the kept rows and one more, id K, a copy of [UNK]'s (compress.prune.vocab)
+            from compress.prune.vocab import trim_model
+
+            pruned = trim_model(pruned, kept_vocab, pre.unk_token_id)
         after = count_params(pruned)
         if after > target_params:
             raise InputError(f"passes: '{ctx.label}'.target: {target_params} parameters cannot be reached with "
@@ -209,7 +217,8 @@ class Prune(Pass):
             from compress.prune.idmap import load_id_map, save_id_map
 
             previous = load_id_map(artifact.model_dir)  # trimmed twice: compose with the earlier map
-            save_id_map(folder, kept_vocab if previous is None else previous[torch.tensor(kept_vocab)].tolist())
+            ids = [*kept_vocab, int(pre.unk_token_id)]  # student id K (dropped tokens) -> the teacher's [UNK]
+            save_id_map(folder, ids if previous is None else previous[torch.tensor(ids)].tolist())
         return artifact.replace(model_dir=folder)
 
     # ------------------------------------------------------------------------------------------------ parts
@@ -319,7 +328,7 @@ class Prune(Pass):
         gates = sorted({g for s in structural for g in GATES[s]}, key=hc.GRANULARITIES.index)
         teacher = prepare_teacher(ctx.load_teacher(artifact), cfg).to(ctx.device)
         student = model.to(ctx.device).train()
-        vocab_removed = 0 if kept_vocab is None else int(student.config.vocab_size) - len(kept_vocab)
+        vocab_removed = 0 if kept_vocab is None else int(student.config.vocab_size) - len(kept_vocab) - 1
         p0 = sum(p.numel() for p in student.parameters())
         sparsity = max(0.0, 1.0 - target_params / p0)
 
@@ -338,8 +347,7 @@ class Prune(Pass):
         masks = masks.cpu()
         lagrangian_sparsity = float(masks.expected_sparsity(student).detach())
         shift = hc.fit_budget(student, masks, target_params)
-        folded, plan, z = hc.materialise(student, masks)
-        plan.vocab = kept_vocab
+        folded, plan, z = hc.materialise(student, masks)  # vocabulary trimming follows in run()
         ctx.metrics.update(
             steps=result["steps"], final_loss=result["final_loss"], loss_curve=result["loss_curve"],
             term_curves=result["term_curves"], sparsity_curve=result["sparsity_curve"], lambdas=result["lambdas"],
