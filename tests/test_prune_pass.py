@@ -156,3 +156,27 @@ def test_vocab_trimmed_student_keeps_the_teachers_ids(tmp_path, bert4_dir, data_
     assert trimmed["teacher"]["accuracy"] == plain["teacher"]["accuracy"]
     # the distilled trimmed student agrees with its teacher as a student should (the ids were mapped)
     assert trimmed["variants"]["fp32"]["fidelity"] >= 0.5
+
+
+@pytest.mark.slow  # nine exports and latency measurements
+def test_latency_target_is_met(tmp_path, bert4_dir, data_dir):
+    cfg = _write(tmp_path, bert4_dir, data_dir, [
+        {"type": "prune", "method": "magnitude", "granularities": ["heads", "ffn", "hidden"],
+         "target": {"latency_ms": 1000.0}, "latency_precision": "fp32", "latency_steps": 2}])
+    assert main(["run", str(cfg), "-q"]) == 0, _report(tmp_path)["error"]
+    m = _report(tmp_path)["passes"][0]["metrics"]
+    # a generous target: the unpruned model already meets it, nothing is removed
+    assert m["latency_search"][0]["ratio"] == 1.0 and m["latency_search"][0]["p50_ms"] <= 1000.0
+    assert m["params_after"] == m["params_before"] and m["latency_floor_ms"] > 0
+    # a target between the floor and the full model: the bisection keeps a share that meets it
+    goal = (m["latency_floor_ms"] + m["latency_search"][0]["p50_ms"]) / 2
+    cfg = _write(tmp_path, bert4_dir, data_dir, [
+        {"type": "prune", "method": "magnitude", "granularities": ["heads", "ffn", "hidden"],
+         "target": {"latency_ms": goal}, "latency_precision": "fp32", "latency_steps": 3}])
+    code = main(["run", str(cfg), "-q"])
+    m = _report(tmp_path)["passes"][0]["metrics"]
+    if code == 0:  # the measured search found a ratio under the goal (timing noise can make none do so)
+        assert m["params_after"] < m["params_before"]
+        assert any(h["p50_ms"] <= goal for h in m["latency_search"][1:])
+    else:
+        assert code == 2 and "was not met" in _report(tmp_path)["error"]

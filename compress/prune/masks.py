@@ -465,13 +465,13 @@ class TargetRamp:
     `ramp_steps`, the log_alphas are clamped after each step, and the expected sparsity is recorded. Its
     state is checkpointed with the trainer's (`state_dict`)."""
 
-    def __init__(self, masks: LearnedMasks, final: float, ramp_steps: int):
-        self.masks, self.final, self.ramp_steps = masks, final, max(1, ramp_steps)
-        self.target = 0.0
+    def __init__(self, masks: LearnedMasks, final: float, ramp_steps: int, start: float = 0.0):
+        self.masks, self.final, self.ramp_steps, self.start = masks, final, max(1, ramp_steps), start
+        self.target = start
         self.history: list[dict[str, float]] = []
 
     def on_step_start(self, step: int) -> None:
-        self.target = self.final * min(1.0, step / self.ramp_steps)
+        self.target = self.start + (self.final - self.start) * min(1.0, step / self.ramp_steps)
 
     def on_after_backward(self, step: int) -> None:
         pass
@@ -515,7 +515,8 @@ def learn_masks(
     `teacher` (compress.distill.objective.DistillObjective, its layer map dynamic when `objective_cfg.mapping`
     says so, re-matched every `remap_every` steps through the masked student) plus the Lagrangian constraint
     towards `target_sparsity` (of the student's parameters), with the one trainer (compress.train.trainer).
-    The target ramps linearly from 0 over the first `ramp` fraction of the steps. Returns the masks (in eval
+    The target ramps linearly from 0 (or from the sparsity vocabulary trimming gives, `vocab_removed` rows) over
+    the first `ramp` fraction of the steps. Returns the masks (in eval
     mode: deterministic) and the trainer's result with `sparsity_curve` (target and expected sparsity per step)."""
     from compress.distill.objective import DistillObjective
     from compress.passes.common import model_inputs
@@ -530,7 +531,11 @@ def learn_masks(
     objective = DistillObjective(student, teacher, objective_cfg, task=task, where=where)
     dynamic = objective.cfg.mapping.strategy == "dynamic"
     steps_hint = train_cfg.steps or 1
-    hook = TargetRamp(masks, target_sparsity, int(math.ceil(ramp * steps_hint)))
+    # the ramp starts from the sparsity that needs no learning: 0, or what vocabulary trimming already removes
+    with torch.no_grad():
+        ones = {k: torch.ones_like(g.log_alpha) for k, g in masks.gates.items()}
+        start = min(target_sparsity, float(1.0 - masks.expected_params(student, ones) / masks.params_start))
+    hook = TargetRamp(masks, target_sparsity, int(math.ceil(ramp * steps_hint)), start=start)
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor], step: int) -> StepOutput:
         set_values(applied, masks(), masks.kv_groups)
