@@ -52,7 +52,8 @@ def _passes(base: dict[str, Any], kind: str, args: argparse.Namespace, fraction:
     if kind == "learned":
         return [finetune, {"type": "prune", "method": "learned", "granularities": grans, "target": target,
                            "round_to": args.round_to, "steps": args.steps, "batch_size": 32, "lr": args.lr,
-                           "weights": {"logit": 1.0, "ce": 0.5, "hidden": 1.0}, "log_every": 20,
+                           "weights": {"logit": 1.0, "ce": 0.5, "hidden": 1.0}, "log_every": 10,
+                           "mask_lr": args.mask_lr, "target_ramp": args.ramp, "init_keep": args.init_keep,
                            "checkpoint_every": 100}, *tail]
     raise ValueError(kind)
 
@@ -70,7 +71,10 @@ def main() -> int:
     ap.add_argument("--config", default=str(ROOT / "configs" / "minilm-sentiment.yaml"))
     ap.add_argument("--target-params", type=int, default=4_500_000, help="params target of both pruning methods "
                     "(after vocabulary trimming)")
-    ap.add_argument("--steps", type=int, default=150, help="learned masks: training steps (batch 32)")
+    ap.add_argument("--steps", type=int, default=60, help="learned masks: training steps (batch 32)")
+    ap.add_argument("--mask-lr", type=float, default=0.3, help="learned masks: lr of the gates' log_alpha")
+    ap.add_argument("--ramp", type=float, default=0.5, help="learned masks: share of the steps the target ramps over")
+    ap.add_argument("--init-keep", type=float, default=0.95, help="learned masks: P(gate > 0) at the start")
     ap.add_argument("--lr", type=float, default=5e-5, help="learned masks: lr of the student's weights")
     ap.add_argument("--round-to", type=int, default=16)
     ap.add_argument("--eval", type=int, default=3000, help="eval examples (the same for every row)")

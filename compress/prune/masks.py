@@ -515,8 +515,8 @@ def learn_masks(
     `teacher` (compress.distill.objective.DistillObjective, its layer map dynamic when `objective_cfg.mapping`
     says so, re-matched every `remap_every` steps through the masked student) plus the Lagrangian constraint
     towards `target_sparsity` (of the student's parameters), with the one trainer (compress.train.trainer).
-    The target ramps linearly from 0 (or from the sparsity vocabulary trimming gives, `vocab_removed` rows) over
-    the first `ramp` fraction of the steps. Returns the masks (in eval
+    The target ramps linearly from the gates' starting expected sparsity (about 0; more when `vocab_removed`
+    rows go with vocabulary trimming) over the first `ramp` fraction of the steps. Returns the masks (in eval
     mode: deterministic) and the trainer's result with `sparsity_curve` (target and expected sparsity per step)."""
     from compress.distill.objective import DistillObjective
     from compress.passes.common import model_inputs
@@ -531,10 +531,11 @@ def learn_masks(
     objective = DistillObjective(student, teacher, objective_cfg, task=task, where=where)
     dynamic = objective.cfg.mapping.strategy == "dynamic"
     steps_hint = train_cfg.steps or 1
-    # the ramp starts from the sparsity that needs no learning: 0, or what vocabulary trimming already removes
+    # the ramp starts where the gates start (about 0; more with vocabulary trimming, which needs no learning):
+    # a target below the start would first push every gate up into saturation, where the constraint's
+    # gradient vanishes
     with torch.no_grad():
-        ones = {k: torch.ones_like(g.log_alpha) for k, g in masks.gates.items()}
-        start = min(target_sparsity, float(1.0 - masks.expected_params(student, ones) / masks.params_start))
+        start = min(target_sparsity, max(0.0, float(masks.expected_sparsity(student))))
     hook = TargetRamp(masks, target_sparsity, int(math.ceil(ramp * steps_hint)), start=start)
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor], step: int) -> StepOutput:
