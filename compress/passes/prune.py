@@ -105,7 +105,8 @@ class Prune(Pass):
 
     type = "prune"
     Config = PruneConfig
-    version = "1"
+    # 2: vocabulary trimming in the same shrink as the rest (a second shrink misread a pruned BERT's head size)
+    version = "2"
     uses_data = ("train", "calibration")
     consumes = (Kind.TORCH_STUDENT,)
     refuses = (Kind.ONNX,)  # pruning changes the model: export after it
@@ -202,11 +203,10 @@ class Prune(Pass):
                                            keep_vocab=kept_vocab)
                 else:
                     plan = KeepPlan(vocab=kept_vocab)
-            pruned = shrink(model, KeepPlan(layers=plan.layers, heads=plan.heads, ffn=plan.ffn, hidden=plan.hidden))
+            plan.vocab = kept_vocab
+            pruned = shrink(model, plan)
         if kept_vocab is not None:  # the kept rows and one more, id K, a copy of [UNK]'s (compress.prune.vocab)
-            from compress.prune.vocab import trim_model
-
-            pruned = trim_model(pruned, kept_vocab, pre.unk_token_id)
+            _add_dropped_token_row(pruned, kept_vocab, pre.unk_token_id)
         after = count_params(pruned)
         if after > target_params:
             raise InputError(f"passes: '{ctx.label}'.target: {target_params} parameters cannot be reached with "
@@ -347,7 +347,8 @@ class Prune(Pass):
         masks = masks.cpu()
         lagrangian_sparsity = float(masks.expected_sparsity(student).detach())
         shift = hc.fit_budget(student, masks, target_params)
-        folded, plan, z = hc.materialise(student, masks)  # vocabulary trimming follows in run()
+        folded, plan, z = hc.materialise(student, masks)
+        plan.vocab = kept_vocab  # one shrink for everything (the extra row for dropped tokens follows in run())
         ctx.metrics.update(
             steps=result["steps"], final_loss=result["final_loss"], loss_curve=result["loss_curve"],
             term_curves=result["term_curves"], sparsity_curve=result["sparsity_curve"], lambdas=result["lambdas"],
@@ -372,3 +373,15 @@ class Prune(Pass):
             vocab_before=ad_in.vocab_size, vocab_after=ad_out.vocab_size,
             reload="compress" if reload.is_pruned_type(pruned.config) else "transformers",
         )
+
+
+def _add_dropped_token_row(model: torch.nn.Module, kept: list[int], unk_id: int) -> None:
+    """The trimmed vocabulary's extra row (id K = len(kept), where the trimmed tokenizer sends every dropped
+    token): a copy of [UNK]'s row, as compress.prune.vocab.trim_model makes it, on a model already shrunk."""
+    from compress.models import get_adapter
+    from compress.prune.shrink import word_embedding
+
+    model.resize_token_embeddings(len(kept) + 1, mean_resizing=False)
+    emb = word_embedding(get_adapter(model))
+    with torch.no_grad():
+        emb.weight[len(kept)] = emb.weight[kept.index(unk_id)]
