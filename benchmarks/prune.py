@@ -71,7 +71,7 @@ def main() -> int:
     ap.add_argument("--config", default=str(ROOT / "configs" / "minilm-sentiment.yaml"))
     ap.add_argument("--target-params", type=int, default=4_500_000, help="params target of both pruning methods "
                     "(after vocabulary trimming)")
-    ap.add_argument("--steps", type=int, default=60, help="learned masks: training steps (batch 32)")
+    ap.add_argument("--steps", type=int, default=40, help="learned masks: training steps (batch 32)")
     ap.add_argument("--mask-lr", type=float, default=0.3, help="learned masks: lr of the gates' log_alpha")
     ap.add_argument("--ramp", type=float, default=0.5, help="learned masks: share of the steps the target ramps over")
     ap.add_argument("--init-keep", type=float, default=0.95, help="learned masks: P(gate > 0) at the start")
