@@ -137,10 +137,13 @@ class DistillObjective:
         teacher_adapter: Any = None,
         teacher_cache: TeacherCache | None = None,
         where: str = "distill",
+        teacher_id_map: Tensor | None = None,
     ):
         from compress.models import get_adapter
 
         self.student, self.teacher, self.cfg, self.task, self.where = student, teacher, cfg, task, where
+        # a vocabulary-trimmed student: its ids -> the teacher's (compress.prune.idmap)
+        self.teacher_id_map = teacher_id_map
         self.s_ad = student_adapter or get_adapter(student)
         self.t_ad = teacher_adapter or get_adapter(teacher)
         self.pairs = list(pairs) if pairs is not None else cfg.mapping.resolve(self.s_ad.num_layers,
@@ -190,7 +193,7 @@ class DistillObjective:
             return self.pairs
         with torch.no_grad(), self.s_ad.capture(detach=True) as sc, self.t_ad.capture(detach=True) as tc:
             self.student(**batch)
-            self.teacher(**batch)
+            self.teacher(**self._teacher_inputs(batch))
             self.pairs = dynamic_map(sc.hidden_states, tc.hidden_states,
                                      self.projections if len(self.projections) else None,
                                      teacher_layers=self.cfg.mapping.teacher_layers,
@@ -312,7 +315,15 @@ class DistillObjective:
         s_e = self.projections[str(self.s_ad.num_layers)](mean_pool(s_h, mask))
         return 1 - torch.nn.functional.cosine_similarity(s_e, mean_pool(t_h, mask), dim=-1).mean()
 
+    def _teacher_inputs(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.teacher_id_map is None or "input_ids" not in inputs:
+            return inputs
+        from compress.prune.idmap import teacher_ids
+
+        return {**inputs, "input_ids": teacher_ids(inputs["input_ids"], self.teacher_id_map)}
+
     def _run_teacher(self, inputs: dict[str, Tensor], capture: dict[str, bool]) -> tuple[Any, Any]:
+        inputs = self._teacher_inputs(inputs)
         with torch.no_grad(), self.t_ad.capture(detach=True, **capture) as tc:
             fused = self.cfg.fused_lm_head and capture is self.captures
             t_out = self.t_ad.base_model(**inputs) if fused else self.teacher(**inputs)

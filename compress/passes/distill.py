@@ -130,8 +130,11 @@ class Distill(Pass):
         if cfg.teacher_cache:
             cache = TeacherCache(ctx.work_dir / "teacher-cache",
                                  namespace=json.dumps([str(artifact.teacher_dir), cfg.max_length]))
+        from compress.prune.idmap import load_id_map
+
+        id_map = None if cfg.student_layers is not None else load_id_map(artifact.model_dir)  # a trimmed vocabulary
         objective = DistillObjective(student, teacher, cfg, task=ctx.run.model.task, teacher_cache=cache,
-                                     where=f"passes: '{ctx.label}'")
+                                     where=f"passes: '{ctx.label}'", teacher_id_map=id_map)
 
         ref_split = first_split(ctx, "eval", "train")
         ref_batch = model_inputs(next(iter(task_batches(
@@ -190,6 +193,10 @@ class Distill(Pass):
         if not is_main_process():
             return artifact
         folder = ctx.save_student(student.cpu(), pre)
+        if id_map is not None:  # the student keeps its trimmed vocabulary: hand the teacher's ids on
+            from compress.prune.idmap import save_id_map
+
+            save_id_map(folder, id_map.tolist())
         if optima and cfg.save_schedule_plot and sched.history:
             plot_schedule(sched.history, ctx.out_dir / "schedule.png", title=f"{ctx.label}: OPTIMA arm per round")
         return artifact.replace(model_dir=folder)

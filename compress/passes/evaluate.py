@@ -64,8 +64,18 @@ class Evaluate(Pass):
         batches = list(task_batches(ctx, "eval", pre, batch_size=cfg.batch_size, limit=cfg.max_examples, model=teacher))
         metric, higher = task.metric, task.higher_is_better
 
+        t_batches = batches
+        from compress.prune.idmap import load_id_map
+
+        if load_id_map(artifact.model_dir) is not None and artifact.teacher_dir is not None:
+            # a vocabulary-trimmed student: the teacher reads the same texts through its own tokenizer (same
+            # tokens, original ids), so its reference and the fidelity compare like with like
+            from compress.models.loading import load_preprocessor
+
+            t_batches = list(task_batches(ctx, "eval", load_preprocessor(str(artifact.teacher_dir)),
+                                          batch_size=cfg.batch_size, limit=cfg.max_examples, model=teacher))
         with torch.no_grad():
-            t_out = [_output(teacher(**model_inputs(b)), task.output) for b in batches]
+            t_out = [_output(teacher(**model_inputs(b)), task.output) for b in t_batches]
         teacher_scores = task.score(batches, t_out, t_out)
         evaluation = Evaluation(
             main_metric=metric,
@@ -78,9 +88,11 @@ class Evaluate(Pass):
                 "size_mb": folder_size_mb(artifact.teacher_dir) if artifact.teacher_dir else None,
             },
         )
-        student_params = count_params(ctx.load_student(artifact)) if artifact.model_dir else None
+        student = ctx.load_student(artifact) if artifact.model_dir else None
+        student_params = count_params(student) if student is not None else None
         t = ctx.run.target
-        lat_inputs = task.synthetic_inputs(teacher.config, batch_size=t.batch_size, seq_len=t.seq_len,
+        # the student's config: a vocabulary-trimmed student takes fewer token ids than the teacher
+        lat_inputs = task.synthetic_inputs((student if student is not None else teacher).config, batch_size=t.batch_size, seq_len=t.seq_len,
                                            image_size=t.image_size)
 
         with ctx.progress.task(f"{ctx.label}: ONNX Runtime", total=len(models)) as bar:

@@ -256,6 +256,13 @@ def write_plots(out: Path, report: dict[str, Any], records: list[StepRecord]) ->
             ax.set_ylabel("loss")
             ax.set_title(f"{r.label}: training loss")
             save(fig, f"loss-{r.label}.png")
+        kept = r.metrics.get("kept_per_layer")
+        if isinstance(kept, list) and kept:
+            from compress.prune.plot import plot_kept
+
+            name = f"pruning-{r.label}.png"
+            plot_kept(r.metrics, out / name, title=f"{r.label}: what pruning kept per layer")
+            written.append(name)
         rounds = [e for e in r.events if e.get("event") == "schedule_round"]
         if rounds:
             from compress.distill.schedule import plot_schedule

@@ -1,0 +1,387 @@
+"""prune: structured pruning to a parameter, fraction or latency target, physically (a smaller model that
+reloads), one-shot by importance or with learned hard-concrete masks.
+
+- `method: magnitude | taylor | activation`: score heads, FFN neurons and hidden channels once
+  (compress.prune.importance) and keep the best share that meets the target (bisection over the keep ratio).
+- `method: learned` (CoFi / DPHuBERT): hard-concrete gates over the granularities, trained jointly with
+  distillation from the teacher (DistillObjective, dynamic layer map by default) and the Lagrangian
+  sparsity constraint, the target ramping up from 0, with the shared trainer (compress.prune.masks); then the
+  deterministic gates are fitted to the budget, folded into the weights and materialised.
+- `vocab` among the granularities trims the vocabulary to the tokens of data.train (plus the special tokens and
+  `keep_tokens`) and rewrites the tokenizer (compress.prune.vocab; WordPiece encoders).
+- The target: `params` (a count), `fraction` (of the input model's parameters) or `latency_ms` (ORT p50 on the
+  run's `target`, of the dynamic-int8 or fp32 ONNX export): the keep ratio of an importance plan is found by
+  bisection over measured latencies (for `learned`, that plan's parameter count becomes the masks' target).
+
+The result is saved with `shrink` (compress.prune.shrink): a plain transformers folder when the layers are
+uniform, else a compress-registered pruned type. Recovery: put `{type: distill}` after it."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from compress.artifact import Artifact
+from compress.contracts import Kind
+from compress.distill.mapping import MappingConfig
+from compress.distill.objective import ObjectiveConfig
+from compress.distill.teacher import TeacherConfig
+from compress.errors import InputError
+from compress.passes.base import Pass, PassContext
+from compress.passes.common import first_split, model_inputs, task_batches, train_seed
+from compress.registry import register
+from compress.train.trainer import TrainConfig
+
+log = logging.getLogger(__name__)
+
+Granularity = Literal["heads", "ffn", "layers", "hidden", "vocab"]
+# learned gates each granularity trains (compress.prune.masks.GRANULARITIES)
+GATES = {"heads": ("heads", "attention"), "ffn": ("ffn", "ffn_layer"), "layers": ("attention", "ffn_layer"),
+         "hidden": ("hidden",)}
+
+
+class PruneTarget(BaseModel):
+    """How small: exactly one of params, fraction, latency_ms."""
+
+    model_config = ConfigDict(extra="forbid")
+    params: int | None = Field(None, gt=0, description="Parameters the pruned model may have at most.")
+    fraction: float | None = Field(None, gt=0, description="Share of the input model's parameters kept, below 1 "
+                                   "(sparsity = 1 - fraction).")
+    latency_ms: float | None = Field(None, gt=0, description="ORT p50 latency on the run's `target` the pruned "
+                                     "model's ONNX export may have at most (see latency_precision).")
+
+    @model_validator(mode="after")
+    def _one(self) -> PruneTarget:
+        given = [k for k in ("params", "fraction", "latency_ms") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of params, fraction, latency_ms (got {', '.join(given) or 'none'})")
+        if self.fraction is not None and self.fraction >= 1:
+            raise ValueError(f"fraction {self.fraction} keeps everything (sparsity {1 - self.fraction:.3g}); use a "
+                             "share below 1, e.g. 0.5")
+        return self
+
+
+class PruneConfig(ObjectiveConfig, TeacherConfig, TrainConfig):
+    """What to prune, how and to which target; for `learned`, the trainer's settings (steps, lr of the student
+    weights...) and the distillation objective's (losses, weights, layer map) plus the mask options."""
+
+    method: Literal["magnitude", "taylor", "activation", "learned"] = Field(
+        "taylor", description="magnitude / taylor (gradient x weight) / activation (Minitron): one-shot importance; "
+        "learned: hard-concrete masks trained with distillation and the Lagrangian constraint (CoFi).")
+    granularities: list[Granularity] = Field(
+        default_factory=lambda: ["heads", "ffn"], min_length=1,
+        description="What may be removed: attention heads (GQA: whole kv groups), FFN neurons, whole layers "
+        "(learned only), hidden channels, vocabulary (trimmed to the tokens of data.train).")
+    target: PruneTarget = Field(description="How small the pruned model must be: params, fraction or latency_ms.")
+    scope: Literal["global", "layer"] = Field("global", description="Importance methods: rank units across layers "
+                                              "(global) or keep the same share in every layer (layer).")
+    round_to: int | None = Field(None, gt=0, description="Round kept FFN widths and hidden size to a multiple of "
+                                 "this (8, 16, 64: efficient int8 kernels).")
+    calibration_examples: int = Field(128, gt=0, description="Examples of data.calibration (else data.train) "
+                                      "for taylor / activation scores.")
+    keep_tokens: list[str] = Field(default_factory=list, description="Vocabulary trimming: tokens kept besides "
+                                   "those of data.train and the special tokens.")
+    latency_precision: Literal["int8", "fp32"] = Field(
+        "int8", description="Latency target: measure the dynamic-int8 (as ptq ships it) or the fp32 ONNX export.")
+    latency_steps: int = Field(7, gt=0, description="Latency target: bisection steps over the keep ratio.")
+    # learned masks
+    mask_lr: float = Field(0.1, gt=0, description="learned: lr of the gates' log_alpha (constant, no clipping).")
+    lambda_lr: float = Field(1.0, gt=0, description="learned: lr of the Lagrange multipliers (gradient ascent).")
+    target_ramp: float = Field(0.3, ge=0, le=1, description="learned: share of the steps over which the target "
+                               "sparsity ramps linearly from 0.")
+    init_keep: float = Field(0.99, gt=0, lt=1, description="learned: P(gate > 0) at the start.")
+    remap_every: int = Field(10, gt=0, description="learned with mapping dynamic: steps between layer re-matches.")
+    mapping: MappingConfig = Field(default_factory=lambda: MappingConfig(strategy="dynamic"),
+                                   description="Which teacher layer each student layer learns from (learned; "
+                                   "default dynamic, CoFi).")
+    max_length: int | None = Field(None, gt=0, description="Max tokens per example (default: model.max_length).")
+
+
+@register
+class Prune(Pass):
+    """Structured pruning (heads, FFN, layers, hidden, vocabulary) to a params / fraction / latency target."""
+
+    type = "prune"
+    Config = PruneConfig
+    # 2: vocabulary trimming in the same shrink as the rest (a second shrink misread a pruned BERT's head size)
+    version = "2"
+    uses_data = ("train", "calibration")
+    consumes = (Kind.TORCH_STUDENT,)
+    refuses = (Kind.ONNX,)  # pruning changes the model: export after it
+    produces = (Kind.TORCH_STUDENT,)
+
+    @property
+    def uses_target(self) -> bool:  # a latency target depends on where it is measured
+        return self.config.target.latency_ms is not None  # type: ignore[attr-defined]
+
+    def validate(self, run: Any) -> str | None:
+        from compress.tasks import get_task
+
+        cfg: PruneConfig = self.config  # type: ignore[assignment]
+        task = get_task(run.model.task)
+        grans = set(cfg.granularities)
+        if cfg.method != "learned" and "layers" in grans:
+            return "granularities: 'layers' is learned only (method: learned); one-shot methods prune heads, ffn, hidden"
+        if grans == {"vocab"} and cfg.method == "learned":
+            return "granularities: learned masks need heads, ffn, layers or hidden besides vocab"
+        if "vocab" in grans and (task.modality != "text" or task.labels == "next-token"):
+            return (f"granularities: vocab trimming is for text encoders; task '{run.model.task}' has no "
+                    "vocabulary to trim (remove 'vocab')")
+        if "vocab" in grans and run.data.train is None:
+            return "granularities: vocab trimming keeps the tokens of data.train; add data.train"
+        if cfg.method == "learned":
+            if run.data.train is None:
+                return "method learned trains on data.train; add it"
+            if run.model.task == "feature-extraction" and cfg.weights.ce > 0:
+                return "weights.ce: feature-extraction data has no labels to train on; set it to 0"
+        if cfg.method in ("taylor", "activation") and run.data.calibration is None and run.data.train is None:
+            return f"method {cfg.method} scores units on data.calibration (or data.train); add one"
+        return None
+
+    # ------------------------------------------------------------------------------------------------ run
+
+    def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
+        from compress.models.loading import count_params
+        from compress.prune.importance import plan_for_target
+        from compress.prune.plan import KeepPlan
+        from compress.models import get_adapter
+        from compress.prune.shrink import layer_sizes, shrink
+
+        cfg: PruneConfig = self.config  # type: ignore[assignment]
+        seed = train_seed(cfg, ctx)
+        torch.manual_seed(seed)
+        model = ctx.load_student(artifact).eval()
+        pre = ctx.load_preprocessor(artifact)
+        before = count_params(model)
+        layers_before = layer_sizes(model)
+        grans = list(dict.fromkeys(cfg.granularities))
+        structural = [g for g in grans if g != "vocab"]
+        self._check_family(model, structural, ctx)
+
+        kept_vocab, new_pre = None, pre
+        if "vocab" in grans:
+            from compress.prune.vocab import kept_token_ids, trim_tokenizer
+
+            texts = ctx.data.records("train").texts
+            if not texts:
+                raise InputError(f"passes: '{ctx.label}'.granularities: vocab trimming needs texts in data.train")
+            kept_vocab = kept_token_ids(pre, texts, cfg.keep_tokens)
+            new_pre = trim_tokenizer(pre, kept_vocab)
+            ctx.metrics["vocab_kept"] = len(kept_vocab)
+
+        scores = None
+        target_params: int | None = None
+        plan: KeepPlan | None = None
+        if cfg.target.params is not None:
+            target_params = cfg.target.params
+        elif cfg.target.fraction is not None:
+            target_params = int(cfg.target.fraction * before)
+        if cfg.method != "learned" or cfg.target.latency_ms is not None:
+            scores = self._scores(model, pre, "magnitude" if cfg.method == "learned" else cfg.method, ctx)
+        importance_grans = [g for g in structural if g != "layers"]
+        if cfg.target.latency_ms is not None:
+            plan = self._plan_for_latency(model, scores, importance_grans, kept_vocab, ctx)
+            target_params = count_params(model, plan) if plan is not None else before
+            if plan is not None and kept_vocab is not None:  # and the extra row trimming adds
+                target_params += len(plan.hidden) if plan.hidden is not None else get_adapter(model).hidden_size
+            ctx.metrics["latency_plan_params"] = target_params
+        assert target_params is not None
+        ctx.metrics["target_params"] = target_params
+        if target_params >= before and kept_vocab is None:
+            log.info("%s: the model (%d params) already meets the target (%d)", ctx.label, before, target_params)
+
+        if cfg.method == "learned":
+            pruned, plan = self._learn(artifact, model, pre, structural, kept_vocab, target_params, seed, ctx)
+        else:
+            if plan is None:
+                if importance_grans:  # trimming adds one row (id K, where dropped tokens go): leave room for it
+                    room = get_adapter(model).hidden_size if kept_vocab is not None else 0
+                    plan = plan_for_target(model, scores, params=min(target_params, before) - room,
+                                           granularities=importance_grans, scope=cfg.scope, round_to=cfg.round_to,
+                                           keep_vocab=kept_vocab)
+                else:
+                    plan = KeepPlan(vocab=kept_vocab)
+            plan.vocab = kept_vocab
+            pruned = shrink(model, plan)
+        if kept_vocab is not None:  # the kept rows and one more, id K, a copy of [UNK]'s (compress.prune.vocab)
+            _add_dropped_token_row(pruned, kept_vocab, pre.unk_token_id)
+        after = count_params(pruned)
+        if after > target_params:
+            raise InputError(f"passes: '{ctx.label}'.target: {target_params} parameters cannot be reached with "
+                             f"granularities {grans} (the pruned model has {after}); add granularities or raise it")
+        self._metrics(ctx, model, pruned, plan, before, after, layers_before)
+        folder = ctx.save_student(pruned.cpu(), new_pre)
+        if kept_vocab is not None:  # the teacher keeps the original ids: distill maps them (compress.prune.idmap)
+            from compress.prune.idmap import load_id_map, save_id_map
+
+            previous = load_id_map(artifact.model_dir)  # trimmed twice: compose with the earlier map
+            ids = [*kept_vocab, int(pre.unk_token_id)]  # student id K (dropped tokens) -> the teacher's [UNK]
+            save_id_map(folder, ids if previous is None else previous[torch.tensor(ids)].tolist())
+        return artifact.replace(model_dir=folder)
+
+    # ------------------------------------------------------------------------------------------------ parts
+
+    def _check_family(self, model: torch.nn.Module, structural: list[str], ctx: PassContext) -> None:
+        from compress.models import get_adapter
+
+        ad = get_adapter(model)  # InputError for a family the adapters do not cover
+        where = f"passes: '{ctx.label}'.granularities"
+        if "heads" in structural and ad.num_heads < 2 and ad.num_kv_heads < 2:
+            raise InputError(f"{where}: the model has a single attention head per layer; remove 'heads'")
+        if "vocab" in (self.config.granularities) and (ad.modality != "text" or ad.causal):  # type: ignore[attr-defined]
+            raise InputError(f"{where}: vocab trimming is for text encoders; a {ad.family} model has no vocabulary "
+                             "to trim (remove 'vocab')")
+        if "layers" in structural and ad.num_layers < 2:
+            raise InputError(f"{where}: the model has one layer; remove 'layers'")
+
+    def _scores(self, model: torch.nn.Module, pre: Any, method: str, ctx: PassContext) -> Any:
+        from compress.prune.importance import score_units
+
+        cfg: PruneConfig = self.config  # type: ignore[assignment]
+        batches = None
+        if method != "magnitude":
+            split = first_split(ctx, "calibration", "train")
+            batches = list(task_batches(ctx, split, pre, batch_size=16, limit=cfg.calibration_examples,
+                                        max_length=cfg.max_length, model=model))
+            if method == "activation":
+                batches = [model_inputs(b) for b in batches]
+        return score_units(model, method, batches)
+
+    def _latency(self, model: torch.nn.Module, ctx: PassContext, name: str) -> float:
+        from compress.onnx.export import export_onnx
+        from compress.onnx.quantize import quantize_dynamic_int8
+        from compress.onnx.runtime import measure_latency
+        from compress.tasks import get_task
+
+        cfg: PruneConfig = self.config  # type: ignore[assignment]
+        t = ctx.run.target
+        task = get_task(ctx.run.model.task)
+        inputs = task.synthetic_inputs(model.config, batch_size=t.batch_size, seq_len=t.seq_len,
+                                       image_size=t.image_size)
+        folder = ctx.work_dir / "latency"
+        folder.mkdir(parents=True, exist_ok=True)
+        fp32 = export_onnx(model, {k: torch.from_numpy(v) for k, v in inputs.items()}, folder / f"{name}.onnx",
+                           task=ctx.run.model.task)
+        path = fp32
+        if cfg.latency_precision == "int8":
+            path = quantize_dynamic_int8(fp32, folder / f"{name}.int8.onnx")
+        lat = measure_latency(path, inputs, provider=t.provider, threads=t.threads, warmup=t.warmup, runs=t.runs)
+        return float(lat["p50_ms"])
+
+    def _plan_for_latency(self, model: torch.nn.Module, scores: Any, grans: list[str], kept_vocab: list[int] | None,
+                          ctx: PassContext) -> Any:
+        """The importance plan with the largest keep ratio whose export meets target.latency_ms (None: the
+        unpruned model already does). InputError below the floor: a 1-layer model with one head, the fewest
+        neurons (and hidden channels) the granularities allow."""
+        from compress.prune.importance import plan_at_ratio
+        from compress.prune.plan import KeepPlan
+        from compress.prune.shrink import shrink
+
+        cfg: PruneConfig = self.config  # type: ignore[assignment]
+        goal = float(cfg.target.latency_ms)  # type: ignore[arg-type]
+
+        def build(ratio: float) -> KeepPlan:
+            plan = plan_at_ratio(model, scores, ratio, granularities=grans, scope=cfg.scope, round_to=cfg.round_to) \
+                if grans else KeepPlan()
+            plan.vocab = kept_vocab
+            return plan
+
+        floor_plan = build(0.0)
+        floor_plan.layers = [0]
+        floor = self._latency(shrink(model, floor_plan), ctx, "floor")
+        ctx.metrics["latency_floor_ms"] = floor
+        if goal < floor:
+            raise InputError(f"passes: '{ctx.label}'.target.latency_ms: {goal:g} ms is below the floor of "
+                             f"{floor:.3g} ms measured for a 1-layer minimal model on this target; raise it")
+        full = build(1.0)
+        full_ms = self._latency(shrink(model, full), ctx, "full")
+        history = [{"ratio": 1.0, "p50_ms": full_ms}]
+        if full_ms <= goal:
+            ctx.metrics["latency_search"] = history
+            return full
+        lo, hi = 0.0, 1.0
+        best = None
+        for step in range(cfg.latency_steps):
+            mid = (lo + hi) / 2
+            ms = self._latency(shrink(model, build(mid)), ctx, f"search-{step}")
+            history.append({"ratio": mid, "p50_ms": ms})
+            if ms <= goal:
+                lo, best = mid, mid
+            else:
+                hi = mid
+        ctx.metrics["latency_search"] = history
+        if best is None:
+            raise InputError(f"passes: '{ctx.label}'.target.latency_ms: {goal:g} ms was not met by pruning "
+                             f"{', '.join(grans) or 'nothing'} (the floor is {floor:.3g} ms with one layer); "
+                             "add granularities (layers, hidden) or raise it")
+        return build(best)
+
+    def _learn(self, artifact: Artifact, model: torch.nn.Module, pre: Any, structural: list[str],
+               kept_vocab: list[int] | None, target_params: int, seed: int, ctx: PassContext) -> tuple[Any, Any]:
+        from compress.distill.teacher import prepare_teacher
+        from compress.prune import masks as hc
+        from compress.prune.shrink import shrink
+
+        cfg: PruneConfig = self.config  # type: ignore[assignment]
+        gates = sorted({g for s in structural for g in GATES[s]}, key=hc.GRANULARITIES.index)
+        teacher = prepare_teacher(ctx.load_teacher(artifact), cfg).to(ctx.device)
+        student = model.to(ctx.device).train()
+        vocab_removed = 0 if kept_vocab is None else int(student.config.vocab_size) - len(kept_vocab) - 1
+        p0 = sum(p.numel() for p in student.parameters())
+        sparsity = max(0.0, 1.0 - target_params / p0)
+
+        def batches(epoch: int) -> Any:
+            return task_batches(ctx, "train", pre, batch_size=cfg.batch_size, shuffle=True, seed=seed + epoch,
+                                max_length=cfg.max_length, model=teacher)
+
+        masks, result = hc.learn_masks(
+            student, teacher, objective_cfg=ObjectiveConfig(**{k: getattr(cfg, k) for k in ObjectiveConfig.model_fields}),
+            task=ctx.run.model.task, train_cfg=TrainConfig.subset(cfg, seed=seed), train_batches=batches,
+            target_sparsity=sparsity, granularities=gates, mask_lr=cfg.mask_lr, lambda_lr=cfg.lambda_lr,
+            ramp=cfg.target_ramp, init_keep=cfg.init_keep, multiple=cfg.round_to or 1, remap_every=cfg.remap_every,
+            vocab_removed=vocab_removed, checkpoint_dir=ctx.work_dir / "ckpt", progress=ctx.progress,
+            label=ctx.label, where=f"passes: '{ctx.label}'")
+        student = student.cpu().eval()
+        masks = masks.cpu()
+        lagrangian_sparsity = float(masks.expected_sparsity(student).detach())
+        shift = hc.fit_budget(student, masks, target_params)
+        folded, plan, z = hc.materialise(student, masks)
+        plan.vocab = kept_vocab  # one shrink for everything (the extra row for dropped tokens follows in run())
+        ctx.metrics.update(
+            steps=result["steps"], final_loss=result["final_loss"], loss_curve=result["loss_curve"],
+            term_curves=result["term_curves"], sparsity_curve=result["sparsity_curve"], lambdas=result["lambdas"],
+            layer_map=result["layer_map"], target_sparsity=sparsity, lagrangian_sparsity=lagrangian_sparsity,
+            budget_shift=shift, gates=list(gates), train_device=result["device"],
+        )
+        return shrink(folded, plan), plan
+
+    def _metrics(self, ctx: PassContext, model: torch.nn.Module, pruned: torch.nn.Module, plan: Any, before: int,
+                 after: int, layers_before: list[dict[str, int]]) -> None:
+        from compress.models import get_adapter
+        from compress.prune import reload
+        from compress.prune.shrink import layer_sizes
+
+        ad_in, ad_out = get_adapter(model), get_adapter(pruned)
+        kept = [None if plan.layers is None else list(plan.layers)]
+        ctx.metrics.update(
+            params_before=before, params_after=after, params_ratio=after / before,
+            layers_before=layers_before, kept_per_layer=layer_sizes(pruned),
+            kept_layers=kept[0] if kept[0] is not None else list(range(len(layers_before))),
+            hidden_before=ad_in.hidden_size, hidden_after=ad_out.hidden_size,
+            vocab_before=ad_in.vocab_size, vocab_after=ad_out.vocab_size,
+            reload="compress" if reload.is_pruned_type(pruned.config) else "transformers",
+        )
+
+
+def _add_dropped_token_row(model: torch.nn.Module, kept: list[int], unk_id: int) -> None:
+    """The trimmed vocabulary's extra row (id K = len(kept), where the trimmed tokenizer sends every dropped
+    token): a copy of [UNK]'s row, as compress.prune.vocab.trim_model makes it, on a model already shrunk."""
+    from compress.models import get_adapter
+    from compress.prune.shrink import word_embedding
+
+    model.resize_token_embeddings(len(kept) + 1, mean_resizing=False)
+    emb = word_embedding(get_adapter(model))
+    with torch.no_grad():
+        emb.weight[len(kept)] = emb.weight[kept.index(unk_id)]
