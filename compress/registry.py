@@ -21,6 +21,7 @@ BUILTIN_MODULES = (
     "compress.passes.ptq",
     "compress.passes.evaluate",
     "compress.passes.distill",
+    "compress.passes.search",
 )
 ENTRY_POINT_GROUP = "compress.passes"
 
