@@ -169,6 +169,25 @@ def test_diswot_terms(tiny_bert_dir):
     assert set(feat(teacher.bert).terms) == {"relation"}
 
 
+def test_kd_proxy_trains_a_copy_of_a_frozen_slice(tiny_bert_dir):
+    from transformers import BertForSequenceClassification
+
+    from compress.search.score import kd_score
+
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2).eval()
+    with torch.no_grad():
+        teacher.classifier.weight.mul_(100)  # confident teacher logits: something to distil
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student, _ = build_student(teacher, Candidate(1, 32, 2, 2, 32), score_units(teacher, "magnitude"), init="random")
+    before = [p.clone() for p in student.parameters()]
+    batch = {"input_ids": torch.randint(5, 1000, (8, 12)), "attention_mask": torch.ones(8, 12, dtype=torch.long)}
+    res = kd_score(student, teacher, [batch], batch, "sequence-classification", steps=5, lr=1e-3, seed=0)
+    assert res.terms["kd_loss"] < res.terms["kd_loss_init"] and res.score == -res.terms["kd_loss"]
+    assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))  # the candidate itself is untouched
+
+
 def test_remap_ids_for_a_trimmed_vocabulary():
     batch = {"input_ids": torch.tensor([[101, 7, 2000, 102]])}
     out = remap_ids(batch, [0, 7, 100, 101, 102], unk_new=2)

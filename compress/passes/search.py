@@ -57,6 +57,8 @@ class SearchConfig(PassConfig):
     latency_margin: float = Field(0.5, ge=0, description="Relative margin over the budget before a prediction alone rejects.")
     latency_model_min_points: int = Field(6, ge=3, description="Measurements before the latency model predicts.")
     measure_runs: int | None = Field(None, gt=0, description="Timed runs per candidate (default: target.runs).")
+    quantize_embeddings: bool | None = Field(None, description="Quantize embedding tables (Gather) too when measuring "
+                                             "size and latency (default: as the run's ptq pass does).")
 
 
 @register
@@ -75,6 +77,9 @@ class Search(Pass):
         cfg: SearchConfig = self.config  # type: ignore[assignment]
         if run.data.train is None:
             return "search needs data.train (the scoring batch)"
+        if cfg.space.trim_vocab and True in cfg.space.trim_vocab and any(p.type == "distill" for p in run.passes):
+            return ("space.trim_vocab: a distill pass after the search would feed the teacher the trimmed tokenizer's "
+                    "ids; search without trimming and trim the vocabulary after distillation")
         return None
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
@@ -123,7 +128,11 @@ class Search(Pass):
 
         cache = LatencyCache(ctx.run.cache_path)
         versions = toolchain_versions()
-        tdict = target.model_dump(mode="json")
+        q_emb = cfg.quantize_embeddings
+        if q_emb is None:
+            q_emb = any(p.type == "ptq" and bool(p.options().get("quantize_embeddings")) for p in ctx.run.passes)
+        op_types = ("MatMul", "Gemm", "Gather") if q_emb else ("MatMul", "Gemm")
+        tdict = {**target.model_dump(mode="json"), "op_types": list(op_types)}
         lat_model = LatencyModel(head_dim=shape.head_dim, seq_len=target.seq_len, batch=target.batch_size,
                                  min_points=cfg.latency_model_min_points) if cfg.latency_model else None
         seen_min: dict[str, float] = {}
@@ -156,7 +165,7 @@ class Search(Pass):
             if measured is None:
                 student, _ = build_student(teacher, cand, scores, layers=cfg.inherit_layers, init=cfg.init,
                                            kept_vocab=kept_vocab, seed=seed)
-                measured = measure(student, task, target, ctx.work_dir / "latency" / cand.key())
+                measured = measure(student, task, target, ctx.work_dir / "latency" / cand.key(), op_types=op_types)
                 cache.put(key, measured)
             else:
                 trial.cached = True
@@ -223,7 +232,7 @@ class Search(Pass):
             inherited_layers=[k + 1 for k in (plan.layers if plan.layers is not None else range(shape.layers))],
             student_layers=adapter.num_layers, algorithm=cfg.algorithm, space=space.describe(), space_size=space.size,
             proposals=len(memo.history), evaluated=len(trials), feasible=len(feasible),
-            latency_cache_hits=cache.hits, latency_cache_misses=cache.misses,
+            quantize_embeddings=q_emb, latency_cache_hits=cache.hits, latency_cache_misses=cache.misses,
             latency_model=lat_model.error() if lat_model is not None else None,
             teacher_params=count_params(teacher), budget_latency_ms=cfg.max_latency_ms,
             pareto=[r for r in rows if r["pareto"]], trials=rows,

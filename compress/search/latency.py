@@ -75,9 +75,11 @@ class LatencyCache:
         os.replace(tmp, self.path)
 
 
-def measure(model: nn.Module, task: str, target: Any, folder: Path) -> dict[str, float]:
-    """Export `model` (fp32), quantize it (dynamic int8, as the ptq pass's default) and time the int8 graph on
-    `target` (a `compress.config.Target`). Returns p50_ms, p90_ms, int8_mb and fp32_mb."""
+def measure(model: nn.Module, task: str, target: Any, folder: Path,
+            op_types: tuple[str, ...] = ("MatMul", "Gemm")) -> dict[str, float]:
+    """Export `model` (fp32), quantize it (dynamic int8 of `op_types`, as the ptq pass does; add Gather for its
+    `quantize_embeddings`) and time the int8 graph on `target` (a `compress.config.Target`). Returns p50_ms,
+    p90_ms, int8_mb and fp32_mb."""
     import torch
 
     from compress.onnx.export import export_onnx
@@ -90,7 +92,7 @@ def measure(model: nn.Module, task: str, target: Any, folder: Path) -> dict[str,
     example = {k: torch.as_tensor(v) for k, v in
                spec.synthetic_inputs(model.config, batch_size=2, seq_len=min(8, target.seq_len)).items()}
     fp32 = export_onnx(model, example, folder / "model.onnx", task=task)
-    int8 = quantize_dynamic_int8(fp32, folder / "model.int8.onnx")
+    int8 = quantize_dynamic_int8(fp32, folder / "model.int8.onnx", op_types=op_types)
     inputs = spec.synthetic_inputs(model.config, batch_size=target.batch_size, seq_len=target.seq_len,
                                    image_size=target.image_size)
     lat = measure_latency(int8, inputs, provider=target.provider, threads=target.threads, warmup=target.warmup,

@@ -135,6 +135,8 @@ def kd_score(student: nn.Module, teacher: nn.Module, batches: list[dict[str, tor
     from compress.train.trainer import StepOutput, TrainConfig, Trainer
 
     student = copy.deepcopy(student).train()
+    for p in student.parameters():  # sliced from a frozen teacher
+        p.requires_grad_(True)
     cfg = ObjectiveConfig(weights=LossWeights(logit=1.0, ce=0.0, hidden=0.0, embedding=1.0))
     objective = DistillObjective(student, teacher, cfg, task=task, where="search.kd")
 
