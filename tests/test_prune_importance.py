@@ -50,11 +50,15 @@ def test_a_silenced_head_and_neuron_are_pruned_first(method: str) -> None:
 def test_gqa_models_lose_whole_groups_and_hidden_channels_are_ranked() -> None:
     model = _build("llama")  # 4 query heads in 2 kv groups
     scores = score_units(model, "magnitude")
-    scores.heads[0] = torch.tensor([5.0, 5.0, 0.1, 0.2])
+    scores.heads[0] = torch.tensor([5.0, 4.0, 0.1, 0.2])
     scores.hidden = torch.arange(32, dtype=torch.float)
     plan = plan_at_ratio(model, scores, 0.5, granularities=("heads", "hidden"), scope="layer")
     assert plan.heads[0] == [0, 1] and plan.hidden == list(range(16, 32))
     shrink(model, plan)  # a valid grouping
+    # 'even': the best query head of each group (head 0 of group 0, head 3 of group 1)
+    even = plan_at_ratio(model, scores, 0.5, granularities=("heads",), gqa="even")
+    assert even.heads[0] == [0, 3]
+    assert get_adapter(shrink(model, even)).layers[0].attention.num_kv_heads == 2
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])

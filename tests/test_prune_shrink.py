@@ -192,9 +192,24 @@ def _onnx_parity(tmp_path: Path, family: str, kind: str) -> None:
     assert result.ok, result
 
 
-@pytest.mark.parametrize("family,kind", [("bert", "non-uniform")])
-def test_pruned_models_export_to_onnx_with_parity(tmp_path: Path, family: str, kind: str) -> None:
-    _onnx_parity(tmp_path, family, kind)
+def test_a_pruned_type_runs_through_the_export_pass_with_fusion(tmp_path: Path, tiny_bert_dir: Path, data_dir: Path) -> None:
+    """A non-uniform pruned BERT folder (compress_pruned_bert, an empty attention and FFN, hidden pruned) is loaded
+    by compress, exported with parity and fused by ORT's BERT optimizer as its family."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from compress.cli import main
+    from tests.conftest import make_config
+
+    teacher = BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2).eval()
+    pruned = shrink(teacher, KeepPlan(heads={0: [0, 2], 1: []}, ffn={0: list(range(40)), 1: []}, hidden=list(range(24))))
+    folder = tmp_path / "pruned"
+    pruned.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(folder)
+    cfg = make_config(tmp_path, folder, data_dir, passes=[{"type": "export"}])
+    assert main(["run", str(cfg), "-q"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    metrics = report["passes"][0]["metrics"]
+    assert metrics["parity_max_abs_diff"] < 1e-4 and metrics["fused"] is True, metrics
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Vocabulary trimming (compress.prune.vocab) with the real MiniLM WordPiece tokenizer on a tiny random BERT."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from compress.prune.vocab import save_trimmed, trim_tokenizer, trim_vocab
 from tests.conftest import minilm_path
 
 TRAIN = ["I love this movie, it was great!", "terrible service and unhelpful staff", "playing games all night long"]
+KEPT_TEXT = ["this movie was great", "unhelpful staff all night, zebra"]  # every token occurs in TRAIN or extra
 
 
 @pytest.fixture(scope="module")
@@ -26,40 +28,59 @@ def bert_and_tokenizer():
     return T.BertForSequenceClassification(cfg).eval(), tok
 
 
+def _logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
 def test_trimmed_model_and_tokenizer_equal_the_original_on_kept_text(bert_and_tokenizer, tmp_path: Path) -> None:
     model, tok = bert_and_tokenizer
     small, small_tok, kept = trim_vocab(model, tok, TRAIN, extra=["zebra"])
-    assert small.config.vocab_size == len(kept) < 60
+    assert small.config.vocab_size == len(kept) + 1 < 60  # + the shared row of dropped tokens
     assert set(tok.all_special_ids) <= set(kept)
-    text = ["this movie was great", "unhelpful staff all night, zebra"]  # every token occurs in TRAIN or extra
-    a, b = tok(text, padding=True, return_tensors="pt"), small_tok(text, padding=True, return_tensors="pt")
+    a, b = tok(KEPT_TEXT, padding=True, return_tensors="pt"), small_tok(KEPT_TEXT, padding=True, return_tensors="pt")
     assert tok.convert_ids_to_tokens(a["input_ids"][1]) == small_tok.convert_ids_to_tokens(b["input_ids"][1])
-    with torch.no_grad():
-        torch.testing.assert_close(small(**b).logits, model(**a).logits, atol=1e-6, rtol=1e-5)
-    # saved and reloaded with plain transformers in a fresh process: same ids, unknown words -> [UNK]
+    assert b["input_ids"].max() < len(kept)
+    torch.testing.assert_close(_logits(small, b), _logits(model, a), atol=1e-6, rtol=1e-5)
+    # saved and reloaded with plain transformers in a fresh process: same ids; a dropped word -> the [UNK] row
     folder = save_trimmed(small, small_tok, tmp_path / "trimmed")
-    code = ("import sys, transformers as T; t = T.AutoTokenizer.from_pretrained(sys.argv[1]); "
+    code = ("import json, sys, transformers as T; t = T.AutoTokenizer.from_pretrained(sys.argv[1]); "
             "T.AutoModelForSequenceClassification.from_pretrained(sys.argv[1]); "
-            "print(t('this movie was great')['input_ids'], t('quantum giraffe')['input_ids'], t.unk_token_id, "
-            "'compress' in sys.modules)")
+            "print(json.dumps([t('this movie was great')['input_ids'], t('quantum giraffe')['input_ids'], "
+            "'compress' in sys.modules]))")
     res = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    expected = small_tok("this movie was great")["input_ids"]
-    unk = small_tok.unk_token_id
-    cls_, sep = small_tok.cls_token_id, small_tok.sep_token_id
-    unknown = [cls_] + [unk] * len(tok.tokenize("quantum giraffe")) + [sep]
-    assert res.stdout.split() == (f"{expected} {unknown} {unk} False").split()
+    kept_ids, dropped_ids, compress_loaded = json.loads(res.stdout.strip().splitlines()[-1])
+    assert kept_ids == small_tok("this movie was great")["input_ids"] and not compress_loaded
+    n_pieces = len(tok.tokenize("quantum giraffe"))
+    assert dropped_ids == [small_tok.cls_token_id, *[len(kept)] * n_pieces, small_tok.sep_token_id]
 
 
-def test_words_not_kept_map_to_unk(bert_and_tokenizer) -> None:
+def test_tokens_not_kept_reach_the_model_as_unk(bert_and_tokenizer) -> None:
+    model, tok = bert_and_tokenizer
+    small, small_tok, kept = trim_vocab(model, tok, TRAIN)
+    # the trimmed tokenizer splits a word with dropped pieces as the original does; each dropped piece -> id K
+    assert small_tok.tokenize("giraffes love") == tok.tokenize("giraffes love")
+    ids = small_tok("giraffes love", return_tensors="pt")
+    n = len(tok.tokenize("giraffes"))
+    assert ids["input_ids"][0, 1:1 + n].tolist() == [len(kept)] * n
+    # ... and the trimmed model computes what the original computes with [UNK] in their place
+    original = tok("giraffes love", return_tensors="pt")
+    original["input_ids"][0, 1:1 + n] = tok.unk_token_id
+    torch.testing.assert_close(_logits(small, ids), _logits(model, original), atol=1e-6, rtol=1e-5)
+
+
+def test_a_plain_transformers_resave_stays_a_valid_tokenizer(bert_and_tokenizer, tmp_path: Path) -> None:
+    import transformers as T
+
     model, tok = bert_and_tokenizer
     _, small_tok, kept = trim_vocab(model, tok, TRAIN)
-    ids = small_tok("love giraffe")["input_ids"]
-    assert ids[2] == small_tok.unk_token_id and ids[1] == kept.index(tok.convert_tokens_to_ids("love"))
-    # the original splits 'giraffes' into pieces; the trimmed one keeps that split, each dropped piece is [UNK]
-    n_pieces = len(tok.tokenize("giraffes"))
-    assert small_tok.tokenize("giraffes") == tok.tokenize("giraffes")
-    assert small_tok("giraffes")["input_ids"][1:-1] == [small_tok.unk_token_id] * n_pieces
+    small_tok.save_pretrained(tmp_path / "a")
+    resaved = T.AutoTokenizer.from_pretrained(tmp_path / "a")
+    T.PreTrainedTokenizerFast.save_pretrained(resaved, tmp_path / "b")  # plain save: one token per id survives
+    again = T.AutoTokenizer.from_pretrained(tmp_path / "b")
+    assert again(KEPT_TEXT[0])["input_ids"] == small_tok(KEPT_TEXT[0])["input_ids"]
+    assert max(again("quantum giraffes")["input_ids"]) <= len(kept)
 
 
 def test_bpe_tokenizers_and_unknown_extra_tokens_are_input_errors(bert_and_tokenizer) -> None:

@@ -69,12 +69,16 @@ class Export(Pass):
                              f"{parity.max_abs_diff:.3g} (atol {cfg.atol}), cosine {parity.cosine:.6f} (min {cfg.min_cosine})")
         final = ctx.out_dir / "student.onnx"
         fused = False
-        mtype = FUSION_MODEL_TYPES.get(getattr(model.config, "model_type", ""))
+        from compress.prune.reload import base_family, is_pruned_type
+
+        mtype = FUSION_MODEL_TYPES.get(base_family(model.config))  # a compress_pruned_<family> fuses as its family
         if cfg.optimize and mtype:
             from compress.models import get_adapter
 
             ad = get_adapter(model)
-            if optimize_onnx(raw, final, model_type=mtype, num_heads=ad.num_heads, hidden_size=ad.hidden_size):
+            # per-layer head counts of a pruned type: 0 lets the optimizer read them from each attention's shapes
+            heads, hidden = (0, 0) if is_pruned_type(model.config) else (ad.num_heads, ad.hidden_size)
+            if optimize_onnx(raw, final, model_type=mtype, num_heads=heads, hidden_size=hidden):
                 p2 = check_parity(model, final, check, task=task, atol=cfg.atol, min_cosine=cfg.min_cosine)
                 if p2.ok:
                     fused = True

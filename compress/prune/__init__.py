@@ -2,10 +2,11 @@
 `compress.prune.reload` and must not import torch):
 
 - `KeepPlan` (plan.py): what a decision keeps;
-- `shrink(model, plan)`, `check_plan`, `layer_sizes` (shrink.py);
+- `check_plan`, `layer_sizes`; `shrink(model, plan)` itself is `compress.prune.shrink.shrink` (the submodule
+  `compress.prune.shrink` would shadow a package-level function of the same name);
 - `MaskSet`, `apply_masks`, `plan_from_masks`, `fold_masks`, `materialize` (apply.py);
 - `score_units`, `plan_at_ratio`, `plan_for_target`, `count_params`, `round_plan`, `Scores` (importance.py);
-- `trim_vocab`, `trim_tokenizer`, `kept_token_ids`, `save_trimmed` (vocab.py).
+- `trim_vocab`, `trim_tokenizer`, `trim_model`, `kept_token_ids`, `save_trimmed` (vocab.py).
 """
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ from typing import Any
 
 _EXPORTS = {
     "KeepPlan": "plan",
-    "shrink": "shrink", "check_plan": "shrink", "layer_sizes": "shrink",
+    "check_plan": "surgery", "layer_sizes": "surgery",
     "MaskSet": "apply", "apply_masks": "apply", "plan_from_masks": "apply", "fold_masks": "apply",
     "materialize": "apply",
     "score_units": "importance", "plan_at_ratio": "importance", "plan_for_target": "importance",
     "count_params": "importance", "round_plan": "importance", "Scores": "importance",
-    "trim_vocab": "vocab", "trim_tokenizer": "vocab", "kept_token_ids": "vocab", "save_trimmed": "vocab",
+    "trim_vocab": "vocab", "trim_tokenizer": "vocab", "trim_model": "vocab", "kept_token_ids": "vocab", "save_trimmed": "vocab",
 }
 
 

@@ -285,15 +285,40 @@ def _expand_heads(units: list[int], g: int) -> list[int]:
     return [u * g + t for u in units for t in range(g)]
 
 
+def _even_heads(model: nn.Module, scores: Scores, ratio: float) -> dict[int, list[int]]:
+    """GQA, query heads removed evenly: in every kv group of every layer, the best round(ratio * group) (at least
+    one) of its query heads."""
+    kept: dict[int, list[int]] = {}
+    for lv in get_adapter(model).layers:
+        s, att = scores.heads.get(lv.index), lv.attention
+        if s is None or not att.num_heads:
+            continue
+        g = att.kv_groups
+        per_group = max(1, round(ratio * g))
+        kept[lv.index] = sorted(grp * g + j for grp, row in enumerate(s.float().reshape(-1, g))
+                                for j in torch.topk(row, per_group).indices.tolist())
+    return kept
+
+
 def plan_at_ratio(model: nn.Module, scores: Scores, ratio: float, *, granularities: Iterable[str] = ("heads", "ffn"),
-                  scope: Literal["global", "layer"] = "global", round_to: int | None = None) -> KeepPlan:
-    """Keep the best `ratio` share of each granularity's units (per layer, or ranked across layers)."""
+                  scope: Literal["global", "layer"] = "global", round_to: int | None = None,
+                  gqa: Literal["groups", "even"] = "groups") -> KeepPlan:
+    """Keep the best `ratio` share of each granularity's units (per layer, or ranked across layers). GQA models
+    lose whole kv groups (`gqa='groups'`) or the same number of query heads in every group (`'even'`, per
+    layer whatever the scope)."""
     grans = set(granularities)
     unknown = grans - set(GRANULARITIES)
     if unknown:
-        raise InputError(f"prune granularities: unknown {', '.join(sorted(unknown))}; choose from {', '.join(GRANULARITIES)}")
+        raise InputError(f"prune granularities: unknown {', '.join(sorted(unknown))}; "
+                         f"choose from {', '.join(GRANULARITIES)}")
+    if gqa not in ("groups", "even"):
+        raise InputError(f"prune gqa: '{gqa}' should be 'groups' (drop whole key/value groups) or 'even' (the same "
+                         "number of query heads in every group)")
     adapter = get_adapter(model)
     plan = KeepPlan()
+    if "heads" in grans and gqa == "even" and adapter.num_kv_heads < adapter.num_heads:
+        plan.heads = _even_heads(model, scores, ratio)
+        grans = grans - {"heads"}
     tables: list[tuple[str, dict[int, tuple[torch.Tensor, int]]]] = []
     if "heads" in grans:
         tables.append(("heads", _head_units(model, scores)))
@@ -329,7 +354,8 @@ def plan_at_ratio(model: nn.Module, scores: Scores, ratio: float, *, granulariti
 
 def plan_for_target(model: nn.Module, scores: Scores, *, params: int | None = None, fraction: float | None = None,
                     granularities: Iterable[str] = ("heads", "ffn"), scope: Literal["global", "layer"] = "global",
-                    round_to: int | None = None, keep_vocab: list[int] | None = None) -> KeepPlan:
+                    round_to: int | None = None, keep_vocab: list[int] | None = None,
+                    gqa: Literal["groups", "even"] = "groups") -> KeepPlan:
     """The plan with the largest keep ratio whose `count_params` is at most the target: `params` (a count) or
     `fraction` (of the model's parameters, in (0, 1]). InputError when the target cannot be met by these
     granularities (the smallest plan they allow is still larger)."""
@@ -345,7 +371,7 @@ def plan_for_target(model: nn.Module, scores: Scores, *, params: int | None = No
     grans = tuple(granularities)
 
     def build(r: float) -> KeepPlan:
-        plan = plan_at_ratio(model, scores, r, granularities=grans, scope=scope, round_to=round_to)
+        plan = plan_at_ratio(model, scores, r, granularities=grans, scope=scope, round_to=round_to, gqa=gqa)
         plan.vocab = keep_vocab
         return plan
 

@@ -1,17 +1,22 @@
 """Vocabulary trimming for encoders: keep the embedding rows of the tokens the training texts use (plus the special
 tokens and an optional list) and rewrite the fast tokenizer to match.
 
-The choice: the tokenizer is rewritten, the graph is not. The trimmed tokenizer's vocabulary still holds every
-original token, so it splits any text exactly as before; a kept token gets its new id (its rank among the kept
-ids), a token that was not kept gets the unknown token's new id. Text whose tokens are all kept therefore
-tokenizes to the same tokens, and the trimmed model sees the same embedding rows as the original model did. The
-folder stays a plain HF folder (model + tokenizer.json) that loads without compress, and the ONNX graph takes
-the new ids directly, with no lookup table in it (the table would be as long as the original vocabulary, and
-it would sit in every exported graph).
+The choice: the tokenizer is rewritten, the graph is not. The trimmed WordPiece vocabulary still holds every
+original token, so any text splits exactly as before. Kept tokens are numbered 0..K-1 (in their original order);
+every token that was not kept gets id K, one extra embedding row that is a copy of the unknown token's row, so a
+dropped token reaches the model as [UNK] does. Text whose tokens are all kept tokenizes to the same tokens and
+the trimmed model computes what the original computed. The folder stays a plain HF folder (model +
+tokenizer.json) that loads without compress, and the ONNX graph takes the new ids directly, with no lookup table
+(which would be as long as the original vocabulary) in every exported graph.
 
-This works for WordPiece tokenizers (BERT, DistilBERT, MiniLM...), whose vocabulary is a token -> id map only.
-BPE and Unigram tokenizers (RoBERTa, GPT-2, LLaMA) refer to token ids in their merges / scores, so several tokens
-cannot share the unknown id there: trimming them is an InputError naming the tokenizer model.
+Why a separate id K rather than [UNK]'s own id: tokenizers serialises a WordPiece vocabulary from its id -> token
+table, which keeps one token per id. The tokenizer object returned here writes its own tokenizer.json on
+`save_pretrained`, so compress keeps every dropped token; a copy re-saved by plain transformers keeps only one of
+them at id K, and is still a valid tokenizer ([UNK] keeps its own id): kept text still splits identically, and a
+word with dropped pieces is then split into kept pieces or becomes [UNK].
+
+WordPiece only (BERT, DistilBERT, MiniLM...): BPE and Unigram tokenizers refer to token ids in their merges /
+scores, so several tokens cannot share an id there: trimming them is an InputError naming the tokenizer model.
 """
 from __future__ import annotations
 
@@ -80,8 +85,9 @@ def trim_tokenizer(tokenizer: Any, kept: list[int]) -> Any:
     if unk not in vocab or vocab[unk] not in set(kept):
         raise InputError("vocabulary trimming: the tokenizer has no unknown token to map dropped tokens to")
     new_id = {old: new for new, old in enumerate(kept)}
+    dropped_id = len(kept)  # the extra row: a copy of [UNK]'s (see the module docstring)
     unk_new = new_id[vocab[unk]]
-    model["vocab"] = {tok: new_id.get(old, unk_new) for tok, old in vocab.items()}
+    model["vocab"] = {tok: new_id.get(old, dropped_id) for tok, old in vocab.items()}
     for added in data.get("added_tokens") or []:
         if added["id"] not in new_id:
             raise InputError(f"vocabulary trimming: added token '{added['content']}' must be kept")
@@ -102,7 +108,7 @@ def trim_tokenizer(tokenizer: Any, kept: list[int]) -> Any:
         return out
 
     # tokenizers serialises a WordPiece vocabulary from its id -> token table, which keeps one token per id: the
-    # tokens that share the unknown id would be lost, so this object writes its tokenizer.json itself
+    # dropped tokens (all at id K) would be lost, so this object writes its tokenizer.json itself
     trimmed.save_pretrained = save_pretrained
     return trimmed
 
@@ -127,13 +133,30 @@ def _remap_ids(node: Any, new_id: dict[int, int]) -> None:
                 node[key][1] = new_id[node[key][1]]
 
 
-def trim_vocab(model: nn.Module, tokenizer: Any, texts: Iterable[str], extra: Iterable[str | int] = ()) -> tuple[nn.Module, Any, list[int]]:
-    """(trimmed model, trimmed tokenizer, kept original ids) for `texts` (see the module docstring)."""
-    from compress.prune.shrink import shrink
+def trim_model(model: nn.Module, kept: list[int], unk_id: int) -> nn.Module:
+    """`model` with the embedding rows `kept` (new ids 0..K-1) and one more row, id K, a copy of the row of
+    `unk_id` (an original id, kept), where the trimmed tokenizer sends every token that was not kept."""
+    import torch
 
+    from compress.models import get_adapter
+    from compress.prune.shrink import shrink, word_embedding
+
+    if unk_id not in kept:
+        raise InputError("vocabulary trimming: the unknown token must be kept")
+    small = shrink(model, KeepPlan(vocab=kept))
+    small.resize_token_embeddings(len(kept) + 1, mean_resizing=False)
+    emb = word_embedding(get_adapter(small))
+    with torch.no_grad():
+        emb.weight[len(kept)] = emb.weight[kept.index(unk_id)]
+    return small
+
+
+def trim_vocab(model: nn.Module, tokenizer: Any, texts: Iterable[str], extra: Iterable[str | int] = ()) -> tuple[nn.Module, Any, list[int]]:
+    """(trimmed model, trimmed tokenizer, kept original ids) for `texts` (see the module docstring). The model
+    has len(kept) + 1 embedding rows."""
     kept = kept_token_ids(tokenizer, texts, extra)
     new_tok = trim_tokenizer(tokenizer, kept)
-    return shrink(model, KeepPlan(vocab=kept)), new_tok, kept
+    return trim_model(model, kept, tokenizer.unk_token_id), new_tok, kept
 
 
 def save_trimmed(model: nn.Module, tokenizer: Any, folder: Path) -> Path:
