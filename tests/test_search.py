@@ -190,8 +190,8 @@ def test_kd_proxy_trains_a_copy_of_a_frozen_slice(tiny_bert_dir):
 
 def test_remap_ids_for_a_trimmed_vocabulary():
     batch = {"input_ids": torch.tensor([[101, 7, 2000, 102]])}
-    out = remap_ids(batch, [0, 7, 100, 101, 102], unk_new=2)
-    assert out["input_ids"].tolist() == [[3, 1, 2, 4]]
+    out = remap_ids(batch, [0, 7, 100, 101, 102])
+    assert out["input_ids"].tolist() == [[3, 1, 5, 4]]  # 2000 was dropped: the shared extra id len(kept)
 
 
 # ---------------------------------------------------------------------------------------------- latency
@@ -286,3 +286,24 @@ def test_search_config_errors(tmp_path, tiny_bert_dir, data_dir, capsys):
     cfg = make_config(tmp_path, tiny_bert_dir, data_dir, passes=[{"type": "search", "space": {"hidden": [32, 30], "heads": [4]}}])
     assert _run(cfg) == 2
     assert "hidden 30 is not divisible by heads 4" in capsys.readouterr().err
+
+
+def test_search_with_a_trimmed_vocabulary(tmp_path, data_dir):
+    from transformers import AutoTokenizer
+
+    from compress.models.loading import load_model
+
+    teacher = save_tiny_bert(tmp_path / "bert", layers=2, seed=0)
+    search = {"type": "search", "space": {"layers": [1], "heads": [2], "ffn": [32], "trim_vocab": [True]},
+              "iterations": 1, "batch_size": 8, "measure_runs": 3}
+    cfg = make_config(tmp_path, teacher, data_dir, passes=[search])
+    assert _run(cfg) == 0
+    m = json.loads((tmp_path / "out" / "report.json").read_text())["passes"][0]["metrics"]
+    assert m["chosen"] == "L1-H32-A2-KV2-F32-vocab"
+    folder = tmp_path / "out" / "model"
+    student = load_model(str(folder), "sequence-classification")
+    rows = student.get_input_embeddings().weight.shape[0]
+    assert rows < 1000 and m["chosen_params"] == sum(p.numel() for p in student.parameters())
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok("good movie today")["input_ids"]
+    assert max(ids) < rows  # the saved tokenizer numbers tokens as the trimmed embedding does

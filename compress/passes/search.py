@@ -123,7 +123,6 @@ class Search(Pass):
                 raise InputError(f"{where}: space.trim_vocab needs text training data and a tokenizer")
             kept_vocab = kept_token_ids(pre, texts)
         unk = getattr(pre, "unk_token_id", None)
-        unk_new = kept_vocab.index(unk) if kept_vocab and unk in kept_vocab else 0
         diswot = DisWOT(teacher, score_batch, task) if cfg.score == "diswot" else None
 
         cache = LatencyCache(ctx.run.cache_path)
@@ -145,7 +144,7 @@ class Search(Pass):
 
         def evaluate(cand: Any) -> evolve.Trial:
             plan = plan_for(teacher, cand, scores, layers=cfg.inherit_layers, kept_vocab=kept_vocab)
-            params = count_params(teacher, plan)
+            params = count_params(teacher, plan) + (shape.hidden if plan.vocab is not None else 0)  # + the dropped-token row
             note("max_params", params)
             trial = evolve.Trial(cand, feasible=False, params=params)
             if cfg.max_params is not None and params > cfg.max_params:
@@ -164,7 +163,7 @@ class Search(Pass):
             student = None
             if measured is None:
                 student, _ = build_student(teacher, cand, scores, layers=cfg.inherit_layers, init=cfg.init,
-                                           kept_vocab=kept_vocab, seed=seed)
+                                           kept_vocab=kept_vocab, unk_id=unk, seed=seed)
                 measured = measure(student, task, target, ctx.work_dir / "latency" / cand.key(), op_types=op_types)
                 cache.put(key, measured)
             else:
@@ -182,14 +181,14 @@ class Search(Pass):
                 return trial
             if student is None:
                 student, _ = build_student(teacher, cand, scores, layers=cfg.inherit_layers, init=cfg.init,
-                                           kept_vocab=kept_vocab, seed=seed)
-            vb = remap_ids(score_batch, kept_vocab if cand.trim_vocab else None, unk_new)
+                                           kept_vocab=kept_vocab, unk_id=unk, seed=seed)
+            vb = remap_ids(score_batch, kept_vocab if cand.trim_vocab else None)
             if cfg.score == "diswot":
                 res = diswot(student, vb)  # type: ignore[misc]
             elif cfg.score == "params":
                 res = params_score(student)
             else:
-                kd_b = [remap_ids(b, kept_vocab if cand.trim_vocab else None, unk_new) for b in batches[1:] or batches]
+                kd_b = [remap_ids(b, kept_vocab if cand.trim_vocab else None) for b in batches[1:] or batches]
                 res = kd_score(student, teacher, kd_b, vb, task, steps=cfg.kd_steps, lr=cfg.kd_lr, seed=seed)
             trial.feasible, trial.score, trial.terms = True, res.score, res.terms
             log.info("search: %s score %.5f latency %.3f ms", cand.key(), res.score, trial.latency_ms)
@@ -212,7 +211,7 @@ class Search(Pass):
         rows = [{**t.to_dict(), "pareto": t.candidate in front_keys} for t in trials]
 
         student, plan = build_student(teacher, chosen.candidate, scores, layers=cfg.inherit_layers, init=cfg.init,
-                                      kept_vocab=kept_vocab, seed=seed)
+                                      kept_vocab=kept_vocab, unk_id=unk, seed=seed)
         if kept_vocab is not None and chosen.candidate.trim_vocab:
             from compress.prune.vocab import trim_tokenizer
 

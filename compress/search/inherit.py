@@ -149,13 +149,23 @@ def reinitialise(model: nn.Module, seed: int) -> nn.Module:
 
 
 def build_student(teacher: nn.Module, cand: Any, scores: Any, *, layers: str = "uniform", init: str = "inherit",
-                  kept_vocab: list[int] | None = None, seed: int = 0) -> tuple[nn.Module, Any]:
+                  kept_vocab: list[int] | None = None, unk_id: int | None = None, seed: int = 0) -> tuple[nn.Module, Any]:
     """The student of shape `cand` sliced from `teacher` with `compress.prune.shrink` (the one slicing: the
-    same code that physically prunes), and the plan used. `init='random'` re-initialises it afterwards."""
+    same code that physically prunes), and the plan used. A trimmed vocabulary goes through
+    `compress.prune.vocab.trim_model` (kept rows, then one extra row for every dropped token, a copy of [UNK]'s).
+    `init='random'` re-initialises the student afterwards."""
+    import dataclasses
+
     from compress.prune.shrink import shrink
 
     plan = plan_for(teacher, cand, scores, layers=layers, kept_vocab=kept_vocab)
-    student = shrink(teacher, plan)
+    student = shrink(teacher, dataclasses.replace(plan, vocab=None))
+    if plan.vocab is not None:
+        from compress.prune.vocab import trim_model
+
+        if unk_id is None:
+            raise InputError("search.space.trim_vocab: the tokenizer has no unknown token to send dropped tokens to")
+        student = trim_model(student, plan.vocab, unk_id)
     if init == "random":
         reinitialise(student, seed)
     elif init != "inherit":

@@ -166,11 +166,13 @@ def _objective_loss(objective: Any, batch: dict[str, torch.Tensor]) -> float:
     return loss
 
 
-def remap_ids(batch: dict[str, torch.Tensor], kept: list[int] | None, unk_new: int = 0) -> dict[str, torch.Tensor]:
-    """`batch` for a student whose vocabulary was trimmed to `kept` (original ids, increasing): each id becomes its
-    position in `kept` (ids not kept become `unk_new`)."""
+def remap_ids(batch: dict[str, torch.Tensor], kept: list[int] | None) -> dict[str, torch.Tensor]:
+    """`batch` for a student whose vocabulary was trimmed to `kept` (original ids, increasing;
+    `compress.prune.vocab`): each id becomes its position in `kept`, an id not kept becomes len(kept) (the extra
+    row every dropped token shares, as the trimmed tokenizer numbers them)."""
     if kept is None or "input_ids" not in batch:
         return batch
+    unk_new = len(kept)
     table = torch.full((max(kept) + 1,), unk_new, dtype=torch.long)
     table[torch.as_tensor(kept)] = torch.arange(len(kept))
     ids = batch["input_ids"]
