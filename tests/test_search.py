@@ -18,7 +18,7 @@ from compress.models import get_adapter
 from compress.prune import count_params, score_units
 from compress.prune.shrink import shrink
 from compress.search import evolve
-from compress.search.inherit import build_student, plan_for
+from compress.search.student import build_student, plan_for
 from compress.search.latency import LatencyCache, LatencyModel, cache_key
 from compress.search.score import DisWOT, params_score, remap_ids
 from compress.search.space import Candidate, Space, SpaceConfig, TeacherShape

@@ -6,7 +6,7 @@ it far over the budget, its int8 file size and p50 latency measured in ONNX Runt
 (exported at init, dynamic int8 as the ptq pass makes it; each shape timed once per target and toolchain, kept in
 the run's cache folder across runs). A feasible shape is scored at init (DisWOT, or the baselines: params, KD loss
 after a few steps); aging evolution (or random search) proposes the next. The best-scoring feasible shape is
-built from the teacher's weights (`compress.search.inherit`: kept layers, most important heads / neurons /
+built from the teacher's weights (`compress.search.student`: kept layers, most important heads / neurons /
 hidden channels, sliced with `compress.prune.shrink`) and handed on as the artifact's student, so a `distill`
 pass after it (without `student_layers`) trains it."""
 from __future__ import annotations
@@ -87,7 +87,7 @@ class Search(Pass):
         from compress.passes.common import model_inputs, task_batches
         from compress.prune import count_params, score_units
         from compress.search import evolve
-        from compress.search.inherit import build_student, plan_for
+        from compress.search.student import build_student, plan_for
         from compress.search.latency import LatencyCache, LatencyModel, cache_key, measure, toolchain_versions
         from compress.search.score import DisWOT, kd_score, params_score, remap_ids
         from compress.search.space import Space, TeacherShape
