@@ -185,7 +185,7 @@ def main() -> int:
                  f"(PyTorch fp32) on {n_eval} eval tweets; p50 of the dynamic int8 graph (MatMul/Gemm) on the target "
                  f"(CPU, batch 1, seq 64, 2 threads, {args.runs} timed runs) on a shared, loaded machine")
     lines.append("")
-    lines.append("| student | params | int8 p50 ms | int8 MB | DisWOT (relation + semantic) | KD loss after 3 steps | accuracy (fp32 ONNX) |")
+    lines.append("| student | params | int8 p50 ms | int8 MB | DisWOT (relation + semantic) | KD loss after 3 steps | accuracy (PyTorch fp32) |")
     lines.append("|---|---|---|---|---|---|---|")
     for r in rows.values():
         mark = " (hand-picked)" if r["shape"] == key(HAND) else ""
