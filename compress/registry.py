@@ -23,6 +23,7 @@ BUILTIN_MODULES = (
     "compress.passes.distill",
     "compress.passes.prune",
     "compress.passes.qat",
+    "compress.passes.search",
 )
 ENTRY_POINT_GROUP = "compress.passes"
 

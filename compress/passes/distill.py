@@ -94,6 +94,9 @@ class Distill(Pass):
             return "distill needs data.train"
         if run.model.task == "feature-extraction" and cfg.weights.ce > 0:
             return "weights.ce: feature-extraction data has no labels to train on; set it to 0"
+        if cfg.student_layers is not None and any(p.type == "search" for p in run.passes):
+            return ("student_layers: the student comes from the search pass (the artifact's model); remove "
+                    "student_layers so that distill trains the searched student")
         if cfg.fused_lm_head and run.model.task != "causal-lm":
             return "fused_lm_head: only causal-lm models have an LM head to fuse; remove it"
         if cfg.fused_lm_head and cfg.weights.ce > 0:
@@ -121,7 +124,8 @@ class Distill(Pass):
             student, kept = student_from_teacher(teacher, cfg.student_layers)
             ctx.metrics["inherited_layers"] = [k + 1 for k in kept]
         else:
-            student = ctx.load_student(artifact)
+            student = ctx.load_student(artifact)  # e.g. the searched or pruned student of an earlier pass
+        ctx.metrics["student_source"] = "teacher layers (student_layers)" if cfg.student_layers is not None else "artifact"
         teacher = prepare_teacher(teacher, cfg)
         teacher.to(ctx.device)
         student.to(ctx.device).train()

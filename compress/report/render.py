@@ -170,6 +170,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         flat = {k: v for k, v in p["metrics"].items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(flat.items())[:6])
         lines.append(f"| {p['label']} | {p['status']} | {p['duration_s']:.1f} | {shown} |")
+    for p in report["passes"]:
+        if p["metrics"].get("chosen") and p["metrics"].get("why"):
+            lines += ["", f"**{p['label']}: chose `{p['metrics']['chosen']}`**: {p['metrics']['why']}"]
     if report["gates"]:
         lines += ["", "## Gates", "", "| gate | verdict | detail |", "|---|---|---|"]
         for g in report["gates"]:
@@ -269,5 +272,14 @@ def write_plots(out: Path, report: dict[str, Any], records: list[StepRecord]) ->
 
             name = f"schedule-{r.label}.png"
             plot_schedule(rounds, out / name, title=f"{r.label}: OPTIMA module (arm) and reward per round")
+            written.append(name)
+        trials = r.metrics.get("trials")
+        if isinstance(trials, list) and r.metrics.get("chosen"):  # the search pass: score vs latency, chosen marked
+            from compress.search.evolve import plot_pareto
+
+            name = f"pareto-{r.label}.png"
+            plot_pareto(trials, r.metrics["chosen"], out / name, budget_ms=r.metrics.get("budget_latency_ms"),
+                        title=f"{r.label}: {r.metrics.get('score_kind', 'score')} vs int8 latency",
+                        score_name=f"{r.metrics.get('score_kind', 'score')} score (higher = better)")
             written.append(name)
     return written

@@ -1,5 +1,9 @@
 """Weight inheritance (TinyCLIP-style): a smaller student made from the teacher's own weights instead of a
-random init. Layers are dropped through the model adapter, so no family is special-cased here."""
+random init. Layers are dropped through the model adapter, so no family is special-cased here.
+
+`keep_layers` / `student_from_teacher`: the teacher with some layers kept (distill's `student_layers`; also the
+layer step of `compress.prune.shrink`). A searched shape is sliced from the teacher by `compress.search.student`
+(which builds on compress.prune, so it lives apart from this module to keep imports acyclic)."""
 from __future__ import annotations
 
 import copy
