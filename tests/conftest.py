@@ -132,3 +132,12 @@ def tiny_vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ViTModel(cfg, add_pooling_layer=False).save_pretrained(folder)
     ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
     return folder
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    """The one line a bad input printed on stderr (exit code 2 is the caller's check): no traceback."""
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and "internal error" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    return lines[0]

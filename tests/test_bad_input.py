@@ -7,15 +7,7 @@ from pathlib import Path
 import pytest
 
 from compress.cli import main
-from tests.conftest import make_config
-
-
-def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and "internal error" not in err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    return lines[0]
+from tests.conftest import make_config, one_line_error
 
 
 def test_truncated_safetensors_is_bad_input(tmp_path: Path, tiny_bert_dir: Path, data_dir: Path, capsys) -> None:
@@ -25,7 +17,7 @@ def test_truncated_safetensors_is_bad_input(tmp_path: Path, tiny_bert_dir: Path,
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     cfg = make_config(tmp_path, model, data_dir, passes=[{"type": "export"}])
     assert main(["run", str(cfg), "-q"]) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert str(weights) in line and "truncated" in line
 
 
@@ -34,7 +26,7 @@ def test_corrupt_onnx_file_is_bad_input(tmp_path: Path, content: bytes, capsys) 
     bad = tmp_path / "student.onnx"
     bad.write_bytes(content)
     assert main(["bench", str(bad), "--runs", "1", "--warmup", "0"]) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert str(bad) in line and "cannot load" in line
 
 
@@ -57,5 +49,5 @@ def test_bad_data_file_is_bad_input(tmp_path: Path, tiny_bert_dir: Path, data_di
     cfg = make_config(tmp_path, tiny_bert_dir, data_dir, passes=[{"type": "export"}],
                       data={"eval": {"path": str(bad)}})
     assert main(["run", str(cfg), "-q"]) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert str(bad) in line and expected in line

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from compress.cli import main
-from tests.conftest import save_tiny_bert
+from tests.conftest import one_line_error, save_tiny_bert
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +35,6 @@ def _write(tmp_path: Path, model_dir: Path, data: Path, passes: list[dict], task
 
 def _report(tmp_path: Path) -> dict:
     return json.loads((tmp_path / "out" / "report.json").read_text())
-
-
-def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and "internal error" not in err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 FINETUNE = {"type": "finetune", "steps": 4, "batch_size": 16, "lr": 1e-3}
@@ -106,7 +98,7 @@ def test_learned_masks_with_vocab_trimming(tmp_path, bert4_dir, data_dir):
 def test_bad_config_exit_2(tmp_path, bert4_dir, data_dir, capsys, prune, message):
     cfg = _write(tmp_path, bert4_dir, data_dir, [FINETUNE, {"type": "prune", **prune}])
     assert main(["run", str(cfg), "-q"]) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert message in line and "prune" in line
 
 
@@ -119,7 +111,7 @@ def test_vocab_on_image_model_exit_2(tmp_path, tiny_vit_dir, capsys):
     path = tmp_path / "model.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["validate", str(path)]) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert "vocab" in line and "remove 'vocab'" in line
 
 
@@ -128,13 +120,13 @@ def test_unreachable_targets_exit_2(tmp_path, bert4_dir, data_dir, capsys):
     cfg = _write(tmp_path, bert4_dir, data_dir, [{"type": "prune", "method": "magnitude", "granularities": ["heads", "ffn"],
                                                   "target": {"fraction": 0.1}}])
     assert main(["run", str(cfg), "-q"]) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert "cannot be met" in line and "prune" in line
     # a latency below what a 1-layer minimal model measures on the target
     cfg = _write(tmp_path, bert4_dir, data_dir, [{"type": "prune", "method": "magnitude", "granularities": ["heads", "ffn"],
                                                   "target": {"latency_ms": 1e-4}, "latency_precision": "fp32"}])
     assert main(["run", str(cfg), "-q"]) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert "below the floor" in line and "latency_ms" in line
 
 
