@@ -120,3 +120,35 @@ def test_python_teacher_module_contents_invalidate(tmp_path, data_dir, steps, mo
     sys.modules.pop("wiring_teacher", None)
     importlib.invalidate_caches()
     assert main(["run", str(cfg), "-q"]) == 0 and _statuses(out) == {"a": "ran", "b": "ran"}
+
+
+def test_hash_path_keys_on_names_places_and_every_byte(tmp_path):
+    """The teacher's content hash (`compress.pipeline._hash_path`) on its own: a folder's hash follows each
+    file's path inside it and every byte (past the first 1 MiB read too); a single file's, its name and bytes.
+    Found by mutation testing: a hash that ignored a single file's bytes, or a file's sub-folder, survived."""
+    from compress.pipeline import _hash_path
+
+    def folder(name: str, files: dict[str, bytes]) -> Path:
+        root = tmp_path / name
+        for rel, data in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(data)
+        return root
+
+    big = bytes(range(256)) * 8192  # 2 MiB: more than one read
+    base = {"config.json": b"{}", "sub/a.bin": big}
+    ref = _hash_path(folder("ref", base))
+    assert _hash_path(folder("same", base)) == ref  # the folder's own name and location do not count
+    assert _hash_path(folder("late_byte", {**base, "sub/a.bin": big[:-1] + b"\x01"})) != ref
+    assert _hash_path(folder("moved", {"config.json": b"{}", "other/a.bin": big})) != ref
+    assert _hash_path(folder("renamed", {"config.json": b"{}", "sub/b.bin": big})) != ref
+    assert _hash_path(folder("extra", {**base, "sub/c.bin": b""})) != ref  # an empty file still counts
+    one = tmp_path / "one" / "teacher.py"
+    one.parent.mkdir()
+    one.write_bytes(b"x = 1\n")
+    first = _hash_path(one)
+    one.write_bytes(b"x = 2\n")
+    assert _hash_path(one) != first
+    other = tmp_path / "one" / "student.py"
+    other.write_bytes(b"x = 2\n")
+    assert _hash_path(other) != _hash_path(one)  # same bytes, another name
