@@ -23,7 +23,7 @@ model adapters, the definition `shrink` is tested against): heads on the o-proje
 hidden on its output, FFN neurons on the down projection's input, ffn_layer and hidden on its output, hidden on
 the first layer's input, the norms (statistics over the kept channels) and the other hidden writers. Every
 soft value of the deterministic gates sits on an o or down projection, so `fold_masks` moves them into those
-weights: then `shrink(folded, keep_plan(model, z))` computes what `apply_masks(model, z)` does.
+weights: then `shrink(folded, plan)` computes what `apply_masks(model, z)` does (`materialise`, through apply.py).
 
 Expected size: `LearnedMasks.expected_params` is the expected parameter count of the materialised model, a
 differentiable polynomial of the P(z > 0) (independent gates, as in CoFi): per layer the attention
@@ -35,7 +35,6 @@ and t the target sparsity, ramping linearly from 0; the lambdas are trained by g
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Iterator, Mapping
@@ -310,92 +309,9 @@ def masked(model: nn.Module, values: Mapping[str, Tensor], kv_groups: int = 1) -
 # ---------------------------------------------------------------------------------------------- materialise
 
 
-def _scale_rows(module: nn.Module, scale: Tensor) -> None:
-    from compress.models.base import proj_weight
-
-    w = proj_weight(module)
-    w.mul_(scale.to(w.dtype).unsqueeze(1))
-    b = getattr(module, "bias", None)
-    if b is not None:
-        b.mul_(scale.to(b.dtype))
-
-
-def _scale_cols(module: nn.Module, scale: Tensor) -> None:
-    from compress.models.base import proj_weight
-
-    w = proj_weight(module)
-    w.mul_(scale.to(w.dtype).unsqueeze(0))
-
-
-def fold_masks(model: nn.Module, z: Mapping[str, Tensor]) -> nn.Module:
-    """Move the soft values of deterministic, consistent gates `z` into the weights of `model`, in place: head
-    values into the o-projection's input columns, attention values into its rows and bias, neuron values into
-    the down projection's columns, ffn_layer values into its rows and bias (hidden gates are 0/1 and stay masks).
-    Then `model` under the 0/1 masks `binary(z)` computes what it computed under `z`. Returns `model`."""
-    from compress.models import get_adapter
-
-    ad = get_adapter(model)
-    with torch.no_grad():
-        for lv in ad.layers:
-            i, att = lv.index, lv.attention
-            if "heads" in z:
-                _scale_cols(att.o, z["heads"][i].repeat_interleave(att.kv_groups * att.head_dim))
-            if "attention" in z:
-                _scale_rows(att.o, z["attention"][i].expand(ad.hidden_size))
-            if "ffn" in z:
-                _scale_cols(lv.ffn.down, z["ffn"][i])
-            if "ffn_layer" in z:
-                _scale_rows(lv.ffn.down, z["ffn_layer"][i].expand(ad.hidden_size))
-    return model
-
-
 def binary(z: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The keep masks (1 where z > 0) of gate values."""
     return {k: (v > 0).float() for k, v in z.items()}
-
-
-def keep_plan(model: nn.Module, z: Mapping[str, Tensor]) -> KeepPlan:
-    """The `KeepPlan` of deterministic, consistent gate values `z` for `model`: kept query heads (every head
-    of a kept group), FFN neurons and hidden channels, by original index. A layer whose attention and FFN are
-    both removed is dropped (it is the identity: a removed post-norm sub-layer skips its norm too)."""
-    from compress.models import get_adapter
-
-    ad = get_adapter(model)
-    plan = KeepPlan()
-    dropped: list[int] = []
-    for lv in ad.layers:
-        i, att = lv.index, lv.attention
-        attn_off = "attention" in z and float(z["attention"][i]) <= 0
-        ffn_off = "ffn_layer" in z and float(z["ffn_layer"][i]) <= 0
-        if "heads" in z or "attention" in z:
-            if attn_off:
-                plan.heads[i] = []
-            elif "heads" in z:
-                groups = [g for g in range(att.num_kv_heads) if float(z["heads"][i][g]) > 0]
-                plan.heads[i] = [g * att.kv_groups + j for g in groups for j in range(att.kv_groups)]
-        if "ffn" in z or "ffn_layer" in z:
-            if ffn_off:
-                plan.ffn[i] = []
-            elif "ffn" in z:
-                plan.ffn[i] = [int(n) for n in torch.nonzero(z["ffn"][i] > 0).flatten().tolist()]
-        if attn_off and ffn_off:
-            dropped.append(i)
-    if dropped:
-        plan.layers = [i for i in range(len(ad.layers)) if i not in dropped]
-        for i in dropped:
-            plan.heads.pop(i, None)
-            plan.ffn.pop(i, None)
-    if "hidden" in z:
-        plan.hidden = [int(c) for c in torch.nonzero(z["hidden"] > 0).flatten().tolist()]
-    for i, heads in list(plan.heads.items()):  # drop "keep all" entries: None means keep all
-        if len(heads) == ad.layers[i].attention.num_heads:
-            del plan.heads[i]
-    for i, neurons in list(plan.ffn.items()):
-        if len(neurons) == ad.layers[i].ffn.intermediate_size:
-            del plan.ffn[i]
-    if plan.hidden is not None and len(plan.hidden) == ad.hidden_size:
-        plan.hidden = None
-    return plan
 
 
 def exact_params(model: nn.Module, z: Mapping[str, Tensor], masks: LearnedMasks | None = None) -> int:
@@ -441,11 +357,14 @@ def fit_budget(model: nn.Module, masks: LearnedMasks, max_params: int, iteration
 
 def materialise(model: nn.Module, masks: LearnedMasks) -> tuple[nn.Module, KeepPlan, dict[str, Tensor]]:
     """A copy of `model` with the deterministic gates folded in, the plan that removes the zeroed units, and
-    the gates. `compress.prune.shrink.shrink(copy, plan)` then gives the smaller model."""
+    the gates. `compress.prune.shrink.shrink(copy, plan)` then gives the smaller model. The folding and the plan
+    are `compress.prune.apply`'s (`fold_masks`, `plan_from_masks`), the ones `shrink` is tested against."""
+    from compress.prune.apply import fold_masks, plan_from_masks
+
     masks.eval()
     z = masks.deterministic()
-    folded = fold_masks(copy.deepcopy(model), z)
-    return folded, keep_plan(model, z), z
+    applied = to_maskset(z, masks.kv_groups)
+    return fold_masks(model, applied), plan_from_masks(model, applied), z
 
 
 # ---------------------------------------------------------------------------------------------- training
