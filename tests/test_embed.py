@@ -222,3 +222,20 @@ def test_distill_export_ptq_evaluate_sentence_student(tmp_path, st_bert):
     assert rep["evaluation"]["teacher"]["recall_at_10"] == 1.0
     gates = {g["name"]: g for g in rep["gates"]}
     assert gates["min_retrieval_agreement"]["passed"] and gates["min_retrieval_agreement"]["value"] == v["int8"]["recall_at_10"]
+
+
+def test_vocab_trimmed_sentence_student_stays_a_sentence_model(tmp_path, st_bert):
+    """prune (vocabulary only) keeps the sentence-transformers files; on texts whose tokens were all kept the
+    trimmed student's embeddings are the teacher's."""
+    path = _embed_cfg(tmp_path, st_bert, 48, [
+        {"type": "prune", "granularities": ["vocab"], "method": "magnitude", "target": {"params": 10**9}},
+        {"type": "export"}, {"type": "evaluate", "latency": False}])
+    cfg = yaml.safe_load(path.read_text())
+    cfg["data"]["eval"] = cfg["data"]["train"]  # every eval token is kept
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert main(["run", str(path), "-q"]) == 0
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["passes"][-3]["metrics"]["vocab_kept"] < 200
+    assert read_spec(tmp_path / "out" / "model").pooling == "mean"
+    fp32 = rep["evaluation"]["variants"]["fp32"]
+    assert fp32["fidelity"] > 0.9999 and fp32["recall_at_10"] == 1.0

@@ -59,6 +59,24 @@ def copy_st_files(source: str | Path, folder: str | Path) -> None:
             (folder / m["path"]).mkdir(exist_ok=True)
 
 
+def carry_st_files(source: str | Path | None, folder: str | Path, model: nn.Module, *, where: str) -> None:
+    """A pass that rewrites a sentence-transformers student (prune: vocabulary trimming, smaller layers) keeps
+    its sentence-transformers files; the Pooling width follows the model's new hidden size."""
+    if source is None or not is_st_folder(source):
+        return
+    spec = read_spec(source)
+    width = int(model.config.hidden_size)
+    if spec.dense_in is not None and spec.dense_in != width:
+        raise InputError(f"{where}: the student's Dense projection takes {spec.dense_in} features but the pruned "
+                         f"model is {width} wide; remove 'hidden' from granularities for this sentence-embedding student")
+    copy_st_files(source, folder)
+    if spec.dim != width:
+        import json
+
+        pfile = Path(folder) / "1_Pooling" / "config.json"
+        pfile.write_text(json.dumps({**json.loads(pfile.read_text()), "word_embedding_dimension": width}, indent=2))
+
+
 # ---------------------------------------------------------------------------------------------- distill
 @dataclass
 class SentenceHeads:
