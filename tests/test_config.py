@@ -45,7 +45,7 @@ BAD_CASES = [
     (lambda r: r["passes"][0].update(epochs="abc"), ["passes[0].epochs", "expected a number"]),
     (lambda r: r["passes"][1].update(type="exprot"), ["passes[1].type", "unknown pass 'exprot'", "export"]),
     (lambda r: r["passes"][0].update(learning_rate=1), ["passes[0].learning_rate", "unknown field", "allowed here:", "lr"]),
-    (lambda r: r["model"].update(pth="x"), ["model.pth", "unknown field", "allowed here:", "path, revision"]),
+    (lambda r: r["model"].update(pth="x"), ["model.pth", "unknown field", "allowed here:", "path, pooling, revision"]),
     (lambda r: r["passes"].insert(1, {"type": "distill", "weights": {"kd": 1}}),
      ["passes[1].weights.kd", "allowed here:", "attention, attention_output, ce, embedding, hidden, logit"]),
     (lambda r: r["model"].update(task="translation"), ["model.task", "sequence-classification"]),
