@@ -11,8 +11,9 @@ Latency: ORT p50 at the config's target (batch 1, 64 tokens, 2 threads); the mod
 rounds (each round times every model once) and the median of the rounds' p50s is reported, so that load from
 other processes hits all rows alike. Ratios are against the teacher fp32 row.
 
-Run: `nice -n 10 python benchmarks/embeddings.py [--rounds 7 --runs 40]`. It runs the config first (cached
-passes are reused), writes the teacher's ONNX files under the config's output folder, and prints the table.
+Run: `nice -n 10 python benchmarks/embeddings.py [--rounds 7 --runs 40]`. It runs the config first unless its
+output folder already holds a finished run (`--rerun` forces it; cached passes are reused), writes the teacher's
+ONNX files under the config's output folder, and prints the table.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=7, help="interleaved latency rounds")
     ap.add_argument("--runs", type=int, default=40, help="timed runs per model per round")
     ap.add_argument("--set", action="append", default=[], help="config override, as `compress run --set`")
+    ap.add_argument("--rerun", action="store_true", help="run the config even when its output folder holds a "
+                    "finished run (else that run's student files are measured)")
     args = ap.parse_args()
 
     from transformers import AutoModel, AutoTokenizer
@@ -49,11 +52,13 @@ def main() -> int:
     from compress.tasks import get_task
 
     cfg = load_config(args.config, args.set)
-    result = run_pipeline(cfg, progress=False) if _accepts_progress() else run_pipeline(cfg)
-    if result.exit_code not in (0, 3):
-        print(f"the config run failed (exit {result.exit_code}): {result.report.get('error')}", file=sys.stderr)
-        return result.exit_code
-    out = result.output_dir
+    out = cfg.output_dir
+    if args.rerun or not _finished(out):
+        result = run_pipeline(cfg, progress=False)
+        if result.exit_code not in (0, 3):
+            print(f"the config run failed (exit {result.exit_code}): {result.report.get('error')}", file=sys.stderr)
+            return result.exit_code
+        out = result.output_dir
     _, teacher_dir = resolve_source(cfg.model.path, cfg.base_dir)
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = SentenceEncoder.from_folder(AutoModel.from_pretrained(teacher_dir), teacher_dir, cfg.model.pooling).eval()
@@ -106,12 +111,14 @@ def main() -> int:
     return 0
 
 
-def _accepts_progress() -> bool:
-    import inspect
+def _finished(out: Path) -> bool:
+    """Whether `out` holds a finished run of the config (report with every pass run, both student files)."""
+    import json
 
-    from compress.pipeline import Pipeline
-
-    return "progress" in inspect.signature(Pipeline.__init__).parameters
+    report = out / "report.json"
+    if not (report.is_file() and (out / "student.onnx").is_file() and (out / "student.int8.onnx").is_file()):
+        return False
+    return json.loads(report.read_text()).get("exit_code") in (0, 3)
 
 
 if __name__ == "__main__":

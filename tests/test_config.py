@@ -47,7 +47,7 @@ BAD_CASES = [
     (lambda r: r["passes"][0].update(learning_rate=1), ["passes[0].learning_rate", "unknown field", "allowed here:", "lr"]),
     (lambda r: r["model"].update(pth="x"), ["model.pth", "unknown field", "allowed here:", "path, pooling, revision"]),
     (lambda r: r["passes"].insert(1, {"type": "distill", "weights": {"kd": 1}}),
-     ["passes[1].weights.kd", "allowed here:", "attention, attention_output, ce, embedding, hidden, logit"]),
+     ["passes[1].weights.kd", "allowed here:", "attention, attention_output, ce, contrastive, embedding, embedding_mse, hidden, logit"]),
     (lambda r: r["model"].update(task="translation"), ["model.task", "sequence-classification"]),
     (lambda r: r.pop("model"), ["model", "required"]),
     (lambda r: r.update(gates={"max_latency_ms": -1}), ["gates.max_latency_ms", "greater than 0"]),
