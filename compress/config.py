@@ -31,6 +31,9 @@ class ModelSpec(Strict):
     tokenizer: str | None = Field(None, description="Where to load the tokenizer/processor from, if not `path`.")
     max_length: int = Field(128, gt=0, description="Max tokens per text example for training and evaluation.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model folder.")
+    pooling: Literal["mean", "cls", "max"] | None = Field(
+        None, description="feature-extraction from a sentence-transformers folder: which of the pooling modes its "
+        "1_Pooling/config.json defines makes the sentence embedding (default: the one it defines; docs/embeddings.md).")
 
 
 class DataConfig(Strict):
@@ -49,6 +52,10 @@ class Gates(Strict):
     max_size_mb: float | None = Field(None, gt=0, description="Largest allowed size on disk of the final student ONNX file.")
     min_fidelity: float | None = Field(
         None, ge=0, le=1, description="Smallest allowed fidelity to the teacher (prediction agreement or cosine)."
+    )
+    min_retrieval_agreement: float | None = Field(
+        None, ge=0, le=1, description="feature-extraction: smallest allowed retrieval agreement with the teacher "
+        "(recall@10 of the teacher's neighbours for sentence embeddings; needs >= 20 eval texts)."
     )
 
 

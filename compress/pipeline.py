@@ -32,7 +32,7 @@ from compress.tasks import get_task
 
 log = logging.getLogger(__name__)
 
-LOAD_VERSION = "1"
+LOAD_VERSION = "2"  # 2: keeps the sentence-transformers files of the model folder
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_GATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
@@ -249,6 +249,10 @@ class Pipeline:
                 )
                 pre = load_preprocessor(run.model.tokenizer or source, run.model.revision)
             folder = save_model(model, pre, out / "model")
+            if kind == "folder":
+                from compress.embed.hooks import copy_st_files
+
+                copy_st_files(source, folder)
             return Artifact(task=run.model.task, model_dir=folder, teacher_dir=folder)
 
         log.info("load: %s (%s)", run.model.path, kind)
@@ -358,7 +362,8 @@ def check_pipeline(run: RunConfig, file: str) -> list[Pass]:
 def check_gates_measurable(run: RunConfig, passes: list[Pass], file: str) -> None:
     g = run.gates
     made = {kind for p in passes for kind in p.produces}
-    needs_eval = [n for n in ("max_quality_drop", "max_latency_ms", "min_fidelity") if getattr(g, n) is not None]
+    needs_eval = [n for n in ("max_quality_drop", "max_latency_ms", "min_fidelity", "min_retrieval_agreement")
+                  if getattr(g, n) is not None]
     if needs_eval and Kind.EVALUATION not in made:
         raise ConfigError(
             f"{file}: gates.{needs_eval[0]}: nothing measures it; add {{type: evaluate}} to passes or remove the gate"
@@ -406,6 +411,11 @@ def evaluate_gates(run: RunConfig, artifact: Artifact, partial: bool = False) ->
         fid = stats.get("fidelity")
         gate("min_fidelity", g.min_fidelity, fid, None if fid is None else fid >= g.min_fidelity,
              f"fidelity {fid if fid is None else round(fid, 4)} vs minimum {g.min_fidelity}")
+    if g.min_retrieval_agreement is not None:
+        ra = stats.get("retrieval_agreement")
+        gate("min_retrieval_agreement", g.min_retrieval_agreement, ra,
+             None if ra is None else ra >= g.min_retrieval_agreement,
+             f"retrieval agreement {ra if ra is None else round(ra, 4)} vs minimum {g.min_retrieval_agreement}")
     for item in out:
         if item["passed"] is None:  # configured but not measured: a failure, unless the run stopped early
             item["passed"] = None if partial else False

@@ -879,9 +879,36 @@ def minilm_relation_kl(
     return total
 
 
+# ---------------------------------------------------------------------------------------- sentence embeddings
+def embedding_mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Squared L2 distance between student and teacher sentence embeddings [batch, dim], mean over the batch
+    (the sentence-transformers distillation recipe, summed over dimensions so that its scale does not shrink
+    with the width: 2 - 2 cos for unit vectors)."""
+    return (s.float() - t.float()).pow(2).sum(-1).mean()
+
+
+def embedding_cosine(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """1 - cosine between student and teacher sentence embeddings, mean over the batch."""
+    return 1 - torch.nn.functional.cosine_similarity(s.float(), t.float(), dim=-1).mean()
+
+
+def in_batch_contrastive(s: torch.Tensor, t: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+    """InfoNCE with the teacher's embedding of the same sentence as the positive and the teacher's embeddings
+    of the other sentences of the batch as negatives (both directions averaged): the student keeps the
+    teacher's neighbourhoods, not only its vectors."""
+    _check_temperature(temperature, "in_batch_contrastive")
+    sn = torch.nn.functional.normalize(s.float(), dim=-1)
+    tn = torch.nn.functional.normalize(t.float(), dim=-1)
+    logits = sn @ tn.T / temperature
+    target = torch.arange(len(sn), device=sn.device)
+    ce = torch.nn.functional.cross_entropy
+    return 0.5 * (ce(logits, target) + ce(logits.T, target))
+
+
 __all__ = [
     "HiddenProjector", "TAID", "TaskAwareFilter",
-    "attention_kl", "attention_output_mse", "cross_entropy", "forward_kl", "fused_linear_kd", "hidden_cosine",
+    "attention_kl", "attention_output_mse", "cross_entropy", "embedding_cosine", "embedding_mse",
+    "in_batch_contrastive", "forward_kl", "fused_linear_kd", "hidden_cosine",
     "hidden_mse", "jsd", "minilm_relation_kl", "reference_divergence_rows", "reverse_kl",
     "skew_kl", "skew_reverse_kl", "taid",
 ]

@@ -18,7 +18,9 @@ attention probabilities, attention sub-layer outputs, Q/K/V. The terms, named as
 - `attention`, `attention_output`: KL of attention probabilities, MSE of attention sub-layer outputs (KD for
   QAT), over the pairs of transformer layers.
 - `relation`: MiniLMv2 Q/K/V self-relations of the last layers.
-- `embedding` (feature extraction): 1 - cosine of the mean-pooled embeddings.
+- `embedding`, `embedding_mse`, `contrastive` (feature extraction): 1 - cosine, squared distance and
+  in-batch InfoNCE of the sentence embeddings: the teacher folder's pooling, projection and normalisation
+  when it is a sentence-transformers model (`sentence`, compress.embed), else mean pooling.
 
 `total = sum(weight * term)`. The objective owns trained modules of its own (`modules()`: the projections
 and TED filters): hand them to the trainer as extra modules. With `logit_loss: taid` it owns the `TAID`
@@ -55,7 +57,10 @@ class LossWeights(BaseModel):
     attention: float = Field(0.0, ge=0, description="KL between teacher and student attention probabilities (valid tokens).")
     attention_output: float = Field(0.0, ge=0, description="MSE between attention sub-layer outputs.")
     relation: float = Field(0.0, ge=0, description="MiniLMv2 Q/K/V self-relation KL between the last layers.")
-    embedding: float = Field(1.0, ge=0, description="Feature extraction: 1 - cosine of the mean-pooled embeddings.")
+    embedding: float = Field(1.0, ge=0, description="Feature extraction: 1 - cosine of the sentence embeddings.")
+    embedding_mse: float = Field(0.0, ge=0, description="Feature extraction: squared distance of the sentence embeddings.")
+    contrastive: float = Field(0.0, ge=0, description="Feature extraction: in-batch InfoNCE, the teacher's embedding "
+                               "of the same sentence as the positive (`contrastive_temperature`).")
 
 
 class ObjectiveConfig(BaseModel):
@@ -70,6 +75,7 @@ class ObjectiveConfig(BaseModel):
     hidden_loss: Literal["mse", "cosine", "ted"] = Field(
         "mse", description="Hidden-state loss: MSE, 1 - cosine, or MSE between TED task-aware filters of both sides "
         "(the teacher-side filter stays fixed; TED's first stage, training it on the task, is not done).")
+    contrastive_temperature: float = Field(0.05, gt=0, description="Temperature of the in-batch contrastive term.")
     relation_heads: int | None = Field(None, gt=0, description="MiniLMv2 relation heads (default: the student's attention heads).")
     weights: LossWeights = Field(default_factory=LossWeights, description="Weight of each loss term.")
     mapping: MappingConfig = Field(default_factory=MappingConfig, description="Which teacher layer each student layer learns from.")
@@ -138,6 +144,7 @@ class DistillObjective:
         teacher_cache: TeacherCache | None = None,
         where: str = "distill",
         teacher_id_map: Tensor | None = None,
+        sentence: Any = None,
     ):
         from compress.models import get_adapter
 
@@ -154,7 +161,7 @@ class DistillObjective:
         device = next(student.parameters()).device
         # created in this order from the torch RNG: the same seed gives the same projections and filters
         self.projections = nn.ModuleDict()
-        if w.hidden > 0 or w.attention_output > 0 or (self.feature and w.embedding > 0):
+        if w.hidden > 0 or w.attention_output > 0 or (self.feature and sentence is None and w.embedding + w.embedding_mse + w.contrastive > 0):
             last = {self.s_ad.num_layers} if self.feature else set()
             for s in sorted({s for s, _ in self.pairs} | last):
                 self.projections[str(s)] = losses.HiddenProjector(ds, dt)
@@ -163,6 +170,11 @@ class DistillObjective:
             for s, _ in self.pairs:
                 self.filters[str(s)] = losses.TaskAwareFilter(ds, dt)
                 self.filters[str(s)].freeze_teacher()
+        # a sentence-embedding student (compress.embed.SentenceHeads): its head (pooling, trained projection)
+        # is trained with it; the teacher's head is fixed
+        self.sentence = sentence
+        if sentence is not None:
+            self.projections["sentence"] = sentence.student
         self.projections.to(device)
         self.filters.to(device)
         self.taid = losses.TAID() if cfg.logit_loss == "taid" else None
@@ -212,8 +224,7 @@ class DistillObjective:
         mask = batch.get("attention_mask")
         terms: dict[str, Tensor] = {}
         if self.feature:
-            if w.embedding > 0:
-                terms["embedding"] = self._embedding(s_out.last_hidden_state, t_out.last_hidden_state, mask)
+            terms.update(self._embedding_terms(s_out.last_hidden_state, t_out.last_hidden_state, mask))
         else:
             if w.logit > 0 and cfg.fused_lm_head:
                 terms["logit"] = self._fused_logit(s_out.last_hidden_state, t_out.last_hidden_state,
@@ -258,7 +269,8 @@ class DistillObjective:
             s_out, t_out, _, _ = self._forward(batch, {}, self.student)
             mask = batch.get("attention_mask")
             if self.feature:
-                value = self._embedding(s_out.last_hidden_state, t_out.last_hidden_state, mask)
+                s_e, t_e = self._embeddings(s_out.last_hidden_state, t_out.last_hidden_state, mask)
+                value = losses.embedding_cosine(s_e, t_e)
             else:
                 value = self.logit_term(s_out.logits, t_out.logits, batch.get("labels"))
         self.student.train(was_training)
@@ -311,9 +323,27 @@ class DistillObjective:
             kw["taid_t"] = float(self.taid.t)
         return losses.fused_linear_kd(s_h, s_w, (t_h, t_w), kind=cfg.logit_loss, **kw)
 
-    def _embedding(self, s_h: Tensor, t_h: Tensor, mask: Tensor | None) -> Tensor:
-        s_e = self.projections[str(self.s_ad.num_layers)](mean_pool(s_h, mask))
-        return 1 - torch.nn.functional.cosine_similarity(s_e, mean_pool(t_h, mask), dim=-1).mean()
+    def _embeddings(self, s_h: Tensor, t_h: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Student and teacher sentence embeddings (the sentence heads, else mean pooling + projection)."""
+        if self.sentence is not None:
+            with torch.no_grad():
+                t_e = self.sentence.teacher(t_h, mask)
+            return self.sentence.student(s_h, mask), t_e
+        return self.projections[str(self.s_ad.num_layers)](mean_pool(s_h, mask)), mean_pool(t_h, mask)
+
+    def _embedding_terms(self, s_h: Tensor, t_h: Tensor, mask: Tensor | None) -> dict[str, Tensor]:
+        w = self.cfg.weights
+        if not (w.embedding > 0 or w.embedding_mse > 0 or w.contrastive > 0):
+            return {}
+        s_e, t_e = self._embeddings(s_h, t_h, mask)
+        terms: dict[str, Tensor] = {}
+        if w.embedding > 0:
+            terms["embedding"] = losses.embedding_cosine(s_e, t_e)
+        if w.embedding_mse > 0:
+            terms["embedding_mse"] = losses.embedding_mse(s_e, t_e)
+        if w.contrastive > 0 and len(s_e) > 1:
+            terms["contrastive"] = losses.in_batch_contrastive(s_e, t_e, self.cfg.contrastive_temperature)
+        return terms
 
     def _teacher_inputs(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         if self.teacher_id_map is None or "input_ids" not in inputs:

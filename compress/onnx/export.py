@@ -137,6 +137,7 @@ def export_onnx(
     optimize: bool = True,
     strip_metadata: bool = True,
     exporter: str = "dynamo",
+    output_name: str | None = None,
 ) -> Path:
     """Export `model` to ONNX at `path` (written atomically) and return the path.
 
@@ -147,10 +148,11 @@ def export_onnx(
     `strip_metadata` drops the exporter's per-node debug metadata (stack traces, module paths: ~2.5 kB a node).
     `exporter="legacy"`: TorchScript export (`dynamo=False`) of the eager attention path, the graph on which
     ORT's transformer optimizer fuses whole attention blocks (`Attention`, `EmbedLayerNormalization`); on dynamo
-    graphs it fuses only LayerNorm / SkipLayerNorm / BiasGelu."""
+    graphs it fuses only LayerNorm / SkipLayerNorm / BiasGelu. `output_name` names the output instead of the task
+    table (a model that returns one tensor, e.g. compress.embed's `sentence_embedding`)."""
     if exporter not in ("dynamo", "legacy"):
         raise InputError(f"export.exporter: '{exporter}' is not dynamo or legacy")
-    out_name = get_task(task).output
+    out_name = output_name or get_task(task).output
     path = Path(path)
     if not example_inputs:
         raise InputError("export: example_inputs is empty; give at least input_ids (text) or pixel_values (vision)")
@@ -172,7 +174,8 @@ def export_onnx(
     wrapper.eval()
     if exporter == "legacy":
         try:
-            return _export_legacy(model, wrapper, inputs, path, opset=opset, dynamic=dynamic, task=task)
+            return _export_legacy(model, wrapper, inputs, path, opset=opset, dynamic=dynamic, task=task,
+                                  out_name=out_name)
         finally:
             model.train(was_training)
     try:
@@ -215,17 +218,17 @@ class _Positional(nn.Module):
 
 
 def _export_legacy(model: nn.Module, wrapper: nn.Module, inputs: dict[str, torch.Tensor], path: Path, *,
-                   opset: int, dynamic: bool, task: str) -> Path:
+                   opset: int, dynamic: bool, task: str, out_name: str) -> Path:
     """`export_onnx` with the TorchScript exporter, through the eager attention path (restored afterwards)."""
     from compress.models.base import _restore_attn_implementation, _set_attn_implementation
 
-    out_name = get_task(task).output
     names = list(inputs)
     axes: dict[str, dict[int, str]] | None = None
     if dynamic:
         axes = {n: ({0: "batch", 1: "sequence"} if t.dim() >= 2 and get_task(task).modality != "image" else {0: "batch"})
                 for n, t in inputs.items()}
-        per_token = get_task(task).labels in ("token-class", "next-token") or task == "feature-extraction"
+        per_token = get_task(task).labels in ("token-class", "next-token") or (
+            task == "feature-extraction" and out_name == get_task(task).output)
         axes[out_name] = {0: "batch", 1: "sequence"} if per_token else {0: "batch"}
     saved = _set_attn_implementation(model, "eager")
     try:

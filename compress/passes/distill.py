@@ -116,7 +116,12 @@ class Distill(Pass):
         from compress.train.distributed import is_main_process
         from compress.train.trainer import Trainer
 
+        from compress.embed.hooks import distill_heads, embedding_defaults, save_student_folder, sentence_run
+
         cfg: DistillConfig = self.config  # type: ignore[assignment]
+        sentence = sentence_run(ctx.run, artifact.teacher_dir)  # a sentence-transformers teacher (compress.embed)
+        if sentence:
+            cfg = embedding_defaults(cfg)
         seed = train_seed(cfg, ctx)
         torch.manual_seed(seed)  # projections, filters and TAID start the same for the same seed
         teacher = ctx.load_teacher(artifact)
@@ -137,8 +142,12 @@ class Distill(Pass):
         from compress.prune.idmap import load_id_map
 
         id_map = None if cfg.student_layers is not None else load_id_map(artifact.model_dir)  # a trimmed vocabulary
+        heads = None
+        if sentence:
+            heads = distill_heads(student, artifact.teacher_dir, ctx.run,
+                                  None if cfg.student_layers is not None else artifact.model_dir)
         objective = DistillObjective(student, teacher, cfg, task=ctx.run.model.task, teacher_cache=cache,
-                                     where=f"passes: '{ctx.label}'", teacher_id_map=id_map)
+                                     where=f"passes: '{ctx.label}'", teacher_id_map=id_map, sentence=heads)
 
         ref_split = first_split(ctx, "eval", "train")
         ref_batch = model_inputs(next(iter(task_batches(
@@ -197,6 +206,8 @@ class Distill(Pass):
         if not is_main_process():
             return artifact
         folder = ctx.save_student(student.cpu(), pre)
+        if heads is not None:  # a sentence-transformers folder: pooling, the trained projection, normalisation
+            save_student_folder(folder, heads, student, ctx.run, artifact.teacher_dir)
         if id_map is not None:  # the student keeps its trimmed vocabulary: hand the teacher's ids on
             from compress.prune.idmap import save_id_map
 

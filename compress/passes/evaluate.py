@@ -74,13 +74,22 @@ class Evaluate(Pass):
 
             t_batches = list(task_batches(ctx, "eval", load_preprocessor(str(artifact.teacher_dir)),
                                           batch_size=cfg.batch_size, limit=cfg.max_examples, model=teacher))
-        with torch.no_grad():
-            t_out = [_output(teacher(**model_inputs(b)), task.output) for b in t_batches]
-        teacher_scores = task.score(batches, t_out, t_out)
+        from compress.embed.hooks import check_retrieval_gate, sentence_eval
+
+        n_examples = sum(len(next(iter(b.values()))) for b in batches)
+        check_retrieval_gate(ctx.run, n_examples)
+        sentence = sentence_eval(artifact, ctx, teacher, cfg.max_examples)  # sentence embeddings (compress.embed)
+        score = sentence.score if sentence is not None else task.score
+        if sentence is not None:
+            t_out = sentence.teacher_outputs(t_batches)
+        else:
+            with torch.no_grad():
+                t_out = [_output(teacher(**model_inputs(b)), task.output) for b in t_batches]
+        teacher_scores = score(batches, t_out, t_out)
         evaluation = Evaluation(
             main_metric=metric,
             higher_is_better=higher,
-            examples=sum(len(next(iter(b.values()))) for b in batches),
+            examples=n_examples,
             teacher={
                 "quality": teacher_scores[metric],
                 **{k: v for k, v in teacher_scores.items() if k != "fidelity"},
@@ -99,7 +108,7 @@ class Evaluate(Pass):
             for m in models:
                 sess = make_session(m.path, provider=t.provider, threads=t.threads)
                 s_out = [torch.from_numpy(next(iter(run_session(sess, model_inputs(b)).values()))) for b in batches]
-                scores = task.score(batches, s_out, t_out)
+                scores = score(batches, s_out, t_out)
                 q = scores[metric]
                 tq = teacher_scores[metric]
                 drop = (tq - q) if higher else (q - tq)  # absolute, in the metric's units (config.Gates)

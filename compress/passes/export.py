@@ -60,13 +60,17 @@ class Export(Pass):
         cfg: ExportConfig = self.config  # type: ignore[assignment]
         task = ctx.run.model.task
         model = ctx.load_student(artifact).eval()
+        from compress.embed.hooks import export_model
+
+        traced, output_name = export_model(model, artifact.model_dir, ctx.run)  # a sentence encoder, or the model
         pre = ctx.load_preprocessor(artifact)
         example = sample_inputs(ctx, model, pre, 2, max_length=16)
         check = sample_inputs(ctx, model, pre, cfg.parity_examples, max_length=ctx.run.model.max_length)
         raw = ctx.out_dir / "student.raw.onnx"
         with ctx.progress.task(f"{ctx.label}: torch.onnx.export", total=None):
-            export_onnx(model, example, raw, task=task, opset=cfg.opset, exporter=cfg.exporter)
-        parity = check_parity(model, raw, check, task=task, atol=cfg.atol, min_cosine=cfg.min_cosine)
+            export_onnx(traced, example, raw, task=task, opset=cfg.opset, exporter=cfg.exporter,
+                        output_name=output_name)
+        parity = check_parity(traced, raw, check, task=task, atol=cfg.atol, min_cosine=cfg.min_cosine)
         ctx.metrics.update(parity_max_abs_diff=parity.max_abs_diff, parity_cosine=parity.cosine)
         if not parity.ok:
             raise PassFailed(ctx.label, f"ONNX Runtime output '{parity.output}' differs from PyTorch: max abs diff "
@@ -83,7 +87,7 @@ class Export(Pass):
             # per-layer head counts of a pruned type: 0 lets the optimizer read them from each attention's shapes
             heads, hidden = (0, 0) if is_pruned_type(model.config) else (ad.num_heads, ad.hidden_size)
             if optimize_onnx(raw, final, model_type=mtype, num_heads=heads, hidden_size=hidden):
-                p2 = check_parity(model, final, check, task=task, atol=cfg.atol, min_cosine=cfg.min_cosine)
+                p2 = check_parity(traced, final, check, task=task, atol=cfg.atol, min_cosine=cfg.min_cosine)
                 if p2.ok:
                     fused = True
                     ctx.metrics.update(fused_max_abs_diff=p2.max_abs_diff, fused_cosine=p2.cosine)

@@ -213,6 +213,9 @@ class Prune(Pass):
                              f"granularities {grans} (the pruned model has {after}); add granularities or raise it")
         self._metrics(ctx, model, pruned, plan, before, after, layers_before)
         folder = ctx.save_student(pruned.cpu(), new_pre)
+        from compress.embed.hooks import carry_st_files
+
+        carry_st_files(artifact.model_dir, folder, pruned, where=f"passes: '{ctx.label}'")  # a sentence student stays one
         if kept_vocab is not None:  # the teacher keeps the original ids: distill maps them (compress.prune.idmap)
             from compress.prune.idmap import load_id_map, save_id_map
 

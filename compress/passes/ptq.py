@@ -26,9 +26,10 @@ class PTQConfig(PassConfig):
         "uint8", description="Static activation type: uint8 (U8S8, ONNX Runtime's fast path on x86 CPUs: 5x faster "
         "than int8 activations on MiniLM) or int8 (S8S8, for GPU/NPU back-ends that want symmetric int8).")
     calibration: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="Static calibration method.")
-    quantize_embeddings: bool = Field(
-        False, description="Also store embedding tables (Gather) as int8: much smaller files (the word embeddings "
-        "are most of a small encoder), at some latency cost in ONNX Runtime on CPU.")
+    quantize_embeddings: Literal["auto", True, False] = Field(
+        "auto", description="Also store embedding tables (Gather) as int8: much smaller files (the word embeddings "
+        "are most of a small encoder), at some latency cost in ONNX Runtime on CPU. auto: on for sentence-"
+        "embedding students (docs/embeddings.md), off otherwise.")
     reduce_range: bool = Field(
         False, description="7-bit weights (and, static, 7-bit activations): for x86 CPUs without VNNI, where u8s8 "
         "int8 products summed in int16 can saturate (docs/quantization.md).")
@@ -80,7 +81,13 @@ class PTQ(Pass):
                 model_inputs(b)
                 for b in task_batches(ctx, split, pre, batch_size=cfg.batch_size, limit=cfg.calibration_examples, model=model)
             ]
-        op_types = ("MatMul", "Gemm", "Gather") if cfg.quantize_embeddings else ("MatMul", "Gemm")
+        q_emb = cfg.quantize_embeddings
+        if q_emb == "auto":
+            from compress.embed.hooks import quantize_embeddings_default
+
+            q_emb = quantize_embeddings_default(artifact, ctx.run)
+        ctx.metrics["quantize_embeddings"] = q_emb
+        op_types = ("MatMul", "Gemm", "Gather") if q_emb else ("MatMul", "Gemm")
         made: dict[str, Any] = {}  # method -> path
         with ctx.progress.task(f"{ctx.label}: quantizing", total=len(cfg.methods)) as bar:
             for method in cfg.methods:

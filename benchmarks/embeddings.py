@@ -1,0 +1,125 @@
+"""Sentence embeddings: the all-MiniLM-L6-v2 teacher against the compress student of configs/minilm-embeddings.yaml,
+one table from one run.
+
+Rows: the teacher exported to ONNX fp32 (pooling and normalisation in the graph), the teacher with ORT dynamic
+int8 (MatMul weights only: what a user gets today from `quantize_dynamic`), and the student of the config in
+fp32 and int8 (the shipped one, embedding table int8 too; and, for the cost of that default, the same int8
+student with its embedding table left float). Quality is measured on the config's held-out eval tweets against
+the PyTorch teacher's embeddings: cosine fidelity, recall@10 of the teacher's neighbours, Spearman of pairwise
+similarities, and leave-one-out 10-NN accuracy on the tweets' sentiment labels (compress.embed.metrics).
+Latency: ORT p50 at the config's target (batch 1, 64 tokens, 2 threads); the models are timed in interleaved
+rounds (each round times every model once) and the median of the rounds' p50s is reported, so that load from
+other processes hits all rows alike. Ratios are against the teacher fp32 row.
+
+Run: `nice -n 10 python benchmarks/embeddings.py [--rounds 7 --runs 40]`. It runs the config first unless its
+output folder already holds a finished run (`--rerun` forces it; cached passes are reused), writes the teacher's
+ONNX files under the config's output folder, and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "minilm-embeddings.yaml"))
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved latency rounds")
+    ap.add_argument("--runs", type=int, default=40, help="timed runs per model per round")
+    ap.add_argument("--set", action="append", default=[], help="config override, as `compress run --set`")
+    ap.add_argument("--rerun", action="store_true", help="run the config even when its output folder holds a "
+                    "finished run (else that run's student files are measured)")
+    args = ap.parse_args()
+
+    from transformers import AutoModel, AutoTokenizer
+
+    from compress.config import load_config
+    from compress.data.sources import load_records
+    from compress.embed.metrics import embedding_scores
+    from compress.embed.model import OUTPUT, SentenceEncoder
+    from compress.models.loading import resolve_source
+    from compress.onnx.export import export_onnx
+    from compress.onnx.quantize import quantize_dynamic_int8
+    from compress.onnx.runtime import make_session, measure_latency, onnx_size_mb, run_session
+    from compress.pipeline import run as run_pipeline
+    from compress.tasks import get_task
+
+    cfg = load_config(args.config, args.set)
+    out = cfg.output_dir
+    if args.rerun or not _finished(out):
+        result = run_pipeline(cfg, progress=False)
+        if result.exit_code not in (0, 3):
+            print(f"the config run failed (exit {result.exit_code}): {result.report.get('error')}", file=sys.stderr)
+            return result.exit_code
+        out = result.output_dir
+    _, teacher_dir = resolve_source(cfg.model.path, cfg.base_dir)
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = SentenceEncoder.from_folder(AutoModel.from_pretrained(teacher_dir), teacher_dir, cfg.model.pooling).eval()
+
+    bench = out / "benchmark"
+    bench.mkdir(exist_ok=True)
+    t_fp32, t_int8 = bench / "teacher.onnx", bench / "teacher.int8-dynamic.onnx"
+    if not t_fp32.is_file():
+        example = dict(tok(["a first example", "and a second, longer example sentence"], padding=True, return_tensors="pt"))
+        export_onnx(teacher, example, t_fp32, task="feature-extraction", output_name=OUTPUT)
+    if not t_int8.is_file():
+        quantize_dynamic_int8(t_fp32, t_int8)  # MatMul/Gemm weights: ORT's dynamic int8 as users run it
+    s_keep_emb = bench / "student.int8-fp32-embeddings.onnx"
+    if not s_keep_emb.is_file() or s_keep_emb.stat().st_mtime < (out / "student.onnx").stat().st_mtime:
+        quantize_dynamic_int8(out / "student.onnx", s_keep_emb)  # what ptq made before: the embedding table float
+    models = {"teacher fp32": t_fp32, "teacher int8 (ORT dynamic)": t_int8,
+              "student fp32": out / "student.onnx", "student int8, embeddings fp32": s_keep_emb,
+              "student int8 (shipped: embeddings int8)": out / "student.int8.onnx"}
+
+    records = load_records(cfg.data.eval, base_dir=cfg.base_dir, name="data.eval")
+    texts, labels = records.texts or [], records.labels
+    batches = [dict(tok(texts[i:i + 64], padding=True, truncation=True, max_length=cfg.model.max_length,
+                        return_tensors="pt")) for i in range(0, len(texts), 64)]
+    with torch.no_grad():
+        ref = np.concatenate([teacher(**b).numpy() for b in batches])
+    t = cfg.target
+    lat_inputs = get_task("feature-extraction").synthetic_inputs(teacher.config, batch_size=t.batch_size, seq_len=t.seq_len)
+    rows: dict[str, dict[str, float]] = {}
+    for name, path in models.items():
+        sess = make_session(path, threads=t.threads)
+        emb = np.concatenate([run_session(sess, {k: v.numpy() for k, v in b.items()})[OUTPUT] for b in batches])
+        rows[name] = {**embedding_scores(emb, ref, labels), "size_mb": onnx_size_mb(path), "p50": []}  # type: ignore[dict-item]
+    for _ in range(args.rounds):  # interleaved: each round times every model once
+        for name, path in models.items():
+            lat = measure_latency(path, lat_inputs, provider=t.provider, threads=t.threads, warmup=5, runs=args.runs)
+            rows[name]["p50"].append(lat["p50_ms"])  # type: ignore[union-attr]
+    base = rows["teacher fp32"]
+    base_p50 = statistics.median(base["p50"])  # type: ignore[arg-type]
+    print(f"{cfg.name}: {len(texts)} held-out tweets (reference: the PyTorch teacher's embeddings); ORT p50 at batch "
+          f"{t.batch_size}, {t.seq_len} tokens, {t.threads} threads, median of {args.rounds} interleaved rounds x "
+          f"{args.runs} runs")
+    print("| model | fidelity (cos) | recall@10 | Spearman | kNN acc | size MB | p50 ms | smaller vs teacher fp32 "
+          "| faster vs teacher fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        p50 = statistics.median(r["p50"])  # type: ignore[arg-type]
+        knn = f"{r['knn_accuracy']:.3f}" if "knn_accuracy" in r else "-"
+        print(f"| {name} | {r['fidelity']:.4f} | {r['recall_at_10']:.3f} | {r['spearman']:.3f} | {knn} | "
+              f"{r['size_mb']:.1f} | {p50:.2f} | {base['size_mb'] / r['size_mb']:.2f}x | {base_p50 / p50:.2f}x |")
+    return 0
+
+
+def _finished(out: Path) -> bool:
+    """Whether `out` holds a finished run of the config (report with every pass run, both student files)."""
+    import json
+
+    report = out / "report.json"
+    if not (report.is_file() and (out / "student.onnx").is_file() and (out / "student.int8.onnx").is_file()):
+        return False
+    return json.loads(report.read_text()).get("exit_code") in (0, 3)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
