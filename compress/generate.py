@@ -9,7 +9,6 @@ and seeded sampling (temperature, top-k, top-p), batch 1, the KV cache carried f
 `compress generate DIR "prompt"` is the command-line face of `generate_text`."""
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -154,12 +153,13 @@ def measure_decoding(path: str | Path, prompt_len: int, new_tokens: int, *, voca
 
 
 # ---------------------------------------------------------------------------------------------- folders
-PREFERENCE = ("student.int4.onnx", "student.int8.onnx", "student.int8-dynamic.onnx", "student.onnx")
+PREFERENCE = ("student.int4.onnx", "student.int8.onnx", "student.int4-weight-only.onnx", "student.int8-dynamic.onnx",
+              "student.onnx")
 
 
 def find_decoder(folder: Path, variant: str | None = None) -> Path:
     """The decoder to generate with in an export folder: `variant` (a file name or a report variant such as
-    int4-weight-only), else the shipped one from report.json, else the first of PREFERENCE present."""
+    int4-weight-only, fp32), else the first of PREFERENCE present (the shipped quantized model first)."""
     folder = Path(folder)
     if folder.is_file():
         return folder
@@ -167,16 +167,8 @@ def find_decoder(folder: Path, variant: str | None = None) -> Path:
         raise InputError(f"{folder}: no such folder; give the output folder of a `compress run` or an .onnx file")
     candidates: list[str] = []
     if variant:
-        candidates += [variant, f"student.{variant}.onnx"]
-    else:
-        report = folder / "report.json"
-        if report.is_file():
-            try:
-                variants = json.loads(report.read_text()).get("evaluation", {}).get("variants", {})
-                shipped = [n for n, s in variants.items() if s.get("shipped") and "alias_of" not in s]
-                candidates += [f"student.{n}.onnx" for n in shipped]
-            except (json.JSONDecodeError, AttributeError):
-                pass
+        candidates += [variant, f"student.{variant}.onnx"] + (["student.onnx"] if variant == "fp32" else [])
+    else:  # the shipped quantized model is copied to student.<precision>.onnx by the run
         candidates += list(PREFERENCE)
     for name in candidates:
         p = folder / name
@@ -213,10 +205,10 @@ def generate_text(folder: str | Path, prompt: str, *, variant: str | None = None
 
 
 def encode_prompt(tok: Any, prompt: str) -> list[int]:
-    """Prompt ids as the model saw text in training: with the tokenizer's start token, without an end token
-    (a WordPiece tokenizer's [SEP] would tell the model the text is over)."""
+    """Prompt ids as the model saw text in training: with the tokenizer's start token, without its end token
+    (`</s>`, or a WordPiece tokenizer's [SEP], would tell the model the text is over)."""
     ids = list(tok(prompt, add_special_tokens=True)["input_ids"])
-    sep = getattr(tok, "sep_token_id", None)
-    if sep is not None and ids and ids[-1] == sep and getattr(tok, "eos_token_id", None) != sep:
+    ends = {t for t in (getattr(tok, "sep_token_id", None), getattr(tok, "eos_token_id", None)) if t is not None}
+    if len(ids) > 1 and ids[-1] in ends:
         ids = ids[:-1]
     return ids

@@ -255,3 +255,85 @@ def generation_parity(model: nn.Module, path: Path, prompts: list[list[int]], *,
     finally:
         model.train(was_training)
     return GenerationParity(ref, got)
+
+
+@dataclass
+class DecoderExportCheck:
+    """What the export pass checks on a decoder with a cache: logits of a scoring batch (prefill) and greedy
+    generation token for token."""
+
+    max_abs_diff: float
+    cosine: float
+    generation: GenerationParity
+    logits_ok: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.logits_ok and self.generation.ok
+
+
+def check_decoder(model: nn.Module, path: Path, inputs: dict[str, torch.Tensor], *, atol: float, min_cosine: float,
+                  new_tokens: int = 20, prompts: int = 4, prompt_len: int = 8) -> DecoderExportCheck:
+    """Logits parity of the ONNX decoder against PyTorch on `inputs` (padded positions left out), and greedy
+    generation parity for `new_tokens` on up to `prompts` prompts cut from the rows of `inputs`."""
+    from compress.onnx.parity import cosine_similarity, valid_positions
+    from compress.onnx.runtime import make_session, run_session
+
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask", torch.ones_like(ids))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask).logits.float().cpu().numpy()
+    finally:
+        model.train(was_training)
+    got = next(iter(run_session(make_session(path), {"input_ids": ids, "attention_mask": mask}).values()))
+    a, b = valid_positions(got.astype(np.float32), mask.cpu().numpy()), valid_positions(ref, mask.cpu().numpy())
+    diff = float(np.abs(a.astype(np.float64) - b).max()) if a.size else 0.0
+    cos = cosine_similarity(a, b)
+    rows = [ids[i][mask[i].bool()].tolist()[:prompt_len] for i in range(min(prompts, len(ids)))]
+    rows = [r for r in rows if r] or [[0]]
+    limit = cache_layout(model.config).max_positions
+    n = min(new_tokens, limit - max(map(len, rows))) if limit else new_tokens
+    gen = generation_parity(model, path, rows, new_tokens=max(n, 1))
+    return DecoderExportCheck(diff, cos, gen, logits_ok=np.isfinite(diff) and diff <= atol and cos >= min_cosine)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+DECODE_TOKENS = 32  # decode steps timed per round by evaluate
+
+
+def top1_agreement(batches: list[dict[str, torch.Tensor]], a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Per-step top-1 agreement of two models' next-token predictions at the positions the labels count."""
+    same = total = 0
+    for batch, x, y in zip(batches, a, b):
+        valid = batch["labels"][:, 1:] != -100
+        same += int((x[:, :-1].argmax(-1) == y[:, :-1].argmax(-1))[valid].sum())
+        total += int(valid.sum())
+    return same / max(total, 1)
+
+
+def causal_lm_stats(evaluation: Any, models: list[Any], outputs: dict[str, list[torch.Tensor]],
+                    batches: list[dict[str, torch.Tensor]], target: Any, *, latency: bool = True) -> None:
+    """Add to each evaluated decoder's stats: against the fp32 student (when it was evaluated too) the per-step
+    top-1 agreement and the relative perplexity increase; for graphs with a KV cache, prefill ms of a
+    `target.seq_len` prompt and decode tokens/s (batch 1, `target.threads`)."""
+    from compress.generate import measure_decoding
+
+    fp32 = next((m for m in models if m.precision == "fp32"), None)
+    base = evaluation.models.get(fp32.name) if fp32 is not None else None
+    for m in models:
+        stats = evaluation.models[m.name]
+        if base is not None and m.name != fp32.name:
+            stats["top1_agreement_fp32"] = top1_agreement(batches, outputs[m.name], outputs[fp32.name])
+            stats["perplexity_increase"] = stats["perplexity"] / base["perplexity"] - 1.0
+        layout = read_layout(m.path)
+        if not latency or layout is None:
+            continue
+        if layout.max_positions is not None and target.seq_len + DECODE_TOKENS > layout.max_positions:
+            raise InputError(f"target.seq_len: a {target.seq_len}-token prompt + {DECODE_TOKENS} decode steps exceed "
+                             f"the model's {layout.max_positions} positions; lower target.seq_len")
+        timing = measure_decoding(m.path, target.seq_len, DECODE_TOKENS, threads=target.threads,
+                                  provider=target.provider)
+        stats.update(prefill_ms=timing["prefill_ms"], decode_tokens_per_s=timing["decode_tokens_per_s"])
