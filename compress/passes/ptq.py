@@ -15,7 +15,7 @@ from compress.passes.common import first_split, model_inputs, task_batches
 from compress.registry import register
 
 
-class Int4Options(BaseModel):
+class Int4(BaseModel):
     """int4 weight-only (MatMulNBits) settings: compress.onnx.int4."""
 
     model_config = ConfigDict(extra="forbid")
@@ -32,7 +32,7 @@ class PTQConfig(PassConfig):
         description="Which quantized models to make: dynamic int8 (weights int8, activations quantized at run time), static int8 (QDQ, calibrated), int4 (weight-only MatMulNBits, see `int4`).",
     )
     primary: Literal["dynamic", "static", "int4"] = Field("dynamic", description="Which one becomes the shipped student (student.int8.onnx / int4).")
-    int4: Int4Options = Field(default_factory=Int4Options, description="int4 weight-only settings (methods: [int4]).")
+    int4: Int4 = Field(None, description="int4 weight-only settings (when methods has int4); unset: block_size 32, symmetric, LM head int4, embeddings fp32.")  # type: ignore[assignment]
     per_channel: bool = Field(True, description="Per-channel weight scales for static quantization.")
     activations: Literal["uint8", "int8"] = Field(
         "uint8", description="Static activation type: uint8 (U8S8, ONNX Runtime's fast path on x86 CPUs: 5x faster "
@@ -100,7 +100,7 @@ class PTQ(Pass):
                 if method == "int4":
                     from compress.onnx.int4 import quantize_int4
 
-                    o = cfg.int4
+                    o = cfg.int4 or Int4()
                     counts = quantize_int4(src, dst, block_size=o.block_size, symmetric=o.symmetric,
                                            accuracy_level=o.accuracy_level, lm_head_precision=o.lm_head,
                                            embeddings=o.embeddings)
