@@ -5,7 +5,6 @@ tables keep the precision the caller chooses."""
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -160,7 +159,7 @@ def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, symmetric: bool
                                  nodes_to_exclude=exclude, op_types_to_quantize=ops, algo_config=cfg)
         q.process()
     out = q.model.model
-    with tempfile.TemporaryDirectory(prefix="compress-int4-"), atomic_onnx_path(dst) as tmp:
+    with atomic_onnx_path(dst) as tmp:
         write_proto(out, tmp)
     counts = {"matmul_nbits": sum(n.op_type == "MatMulNBits" for n in out.graph.node),
               "float_matmuls": sum(n.op_type == "MatMul" for n in out.graph.node),
@@ -169,12 +168,3 @@ def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, symmetric: bool
              src.name, dst.name, counts)
     return counts
 
-
-def initializer_summary(path: Path) -> dict[str, int]:
-    """Bytes of the initializers of an ONNX file by data type name (what makes up its size)."""
-    model = load_model(path)
-    out: dict[str, int] = {}
-    for t in model.graph.initializer:
-        name = onnx.TensorProto.DataType.Name(t.data_type)
-        out[name] = out.get(name, 0) + numpy_helper.to_array(t).nbytes
-    return out
