@@ -1,4 +1,4 @@
-"""`compress run | validate | passes | bench | report`.
+"""`compress run | validate | passes | bench | report | generate`.
 
 Exit codes: 0 ok; 1 internal error (pass named, log path given); 2 bad input (one line, no traceback);
 3 a gate failed (artifacts and report still written); 130 interrupted (rerun resumes from the cache)."""
@@ -170,6 +170,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from compress.generate import generate_text
+
+    text = generate_text(args.dir, args.prompt, variant=args.variant, max_new_tokens=args.max_new_tokens,
+                         do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         seed=args.seed, threads=args.threads)
+    print(f"{args.prompt}{'' if text.startswith(' ') else ' '}{text}" if args.echo else text)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="compress", description="Turn a transformer into a compact, verified ONNX student.")
@@ -208,6 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="re-render report.md and junit.xml from a run folder's report.json")
     rep.add_argument("run_dir")
     rep.set_defaults(func=cmd_report)
+    g = sub.add_parser("generate", help="continue a prompt with an exported decoder (KV cache) in ONNX Runtime")
+    g.add_argument("dir", help="output folder of a run (its shipped decoder and model/ tokenizer), or an .onnx file")
+    g.add_argument("prompt")
+    g.add_argument("--variant", default=None, help="which ONNX file, e.g. int4, int8-dynamic, fp32 (default: the shipped one)")
+    g.add_argument("--max-new-tokens", type=int, default=30)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
+    g.set_defaults(func=cmd_generate)
     return ap
 
 

@@ -59,6 +59,14 @@ class Gates(Strict):
     )
 
 
+    max_perplexity_increase: float | None = Field(
+        None, ge=0, description="causal-lm: largest allowed relative perplexity increase of the shipped quantized "
+        "student over the fp32 student (0.1 = 10%); measured by evaluate (docs/decoder.md).")
+    min_top1_agreement: float | None = Field(
+        None, ge=0, le=1, description="causal-lm: smallest allowed per-step top-1 agreement of the shipped quantized "
+        "student with the fp32 student on data.eval; measured by evaluate.")
+
+
 class Target(Strict):
     provider: str = Field("CPUExecutionProvider", description="ONNX Runtime execution provider to measure on.")
     batch_size: int = Field(1, gt=0, description="Batch size of latency measurements.")

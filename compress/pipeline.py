@@ -211,7 +211,7 @@ class Pipeline:
 
         run = self.run_config
         kind, source = resolve_source(run.model.path, run.base_dir)
-        if kind == "folder":
+        if kind in ("folder", "config"):
             source_fp = _hash_path(Path(source))
         elif kind == "python":
             module = __import__(source.split(":")[0], fromlist=["_"])
@@ -239,6 +239,10 @@ class Pipeline:
             torch.manual_seed(run.seed)  # a new task head is randomly initialised: same seed, same head
             if kind == "python":
                 model, pre = load_python_factory(source)
+            elif kind == "config":  # random weights from a config file (training from scratch)
+                from compress.models.scratch import build_from_config
+
+                model, pre = build_from_config(Path(source), run.model.task, run.model.tokenizer, run.base_dir)
             else:
                 model = load_model(
                     source,
@@ -362,8 +366,8 @@ def check_pipeline(run: RunConfig, file: str) -> list[Pass]:
 def check_gates_measurable(run: RunConfig, passes: list[Pass], file: str) -> None:
     g = run.gates
     made = {kind for p in passes for kind in p.produces}
-    needs_eval = [n for n in ("max_quality_drop", "max_latency_ms", "min_fidelity", "min_retrieval_agreement")
-                  if getattr(g, n) is not None]
+    needs_eval = [n for n in ("max_quality_drop", "max_latency_ms", "min_fidelity", "min_retrieval_agreement",
+                              "max_perplexity_increase", "min_top1_agreement") if getattr(g, n) is not None]
     if needs_eval and Kind.EVALUATION not in made:
         raise ConfigError(
             f"{file}: gates.{needs_eval[0]}: nothing measures it; add {{type: evaluate}} to passes or remove the gate"
@@ -416,6 +420,16 @@ def evaluate_gates(run: RunConfig, artifact: Artifact, partial: bool = False) ->
         gate("min_retrieval_agreement", g.min_retrieval_agreement, ra,
              None if ra is None else ra >= g.min_retrieval_agreement,
              f"retrieval agreement {ra if ra is None else round(ra, 4)} vs minimum {g.min_retrieval_agreement}")
+    if g.max_perplexity_increase is not None:  # causal-lm, quantized vs fp32 student (compress.passes.evaluate)
+        inc = stats.get("perplexity_increase")
+        gate("max_perplexity_increase", g.max_perplexity_increase, inc,
+             None if inc is None else inc <= g.max_perplexity_increase,
+             f"perplexity +{inc if inc is None else round(100 * inc, 2)}% over fp32 vs limit "
+             f"{100 * g.max_perplexity_increase:g}%")
+    if g.min_top1_agreement is not None:
+        agr = stats.get("top1_agreement_fp32")
+        gate("min_top1_agreement", g.min_top1_agreement, agr, None if agr is None else agr >= g.min_top1_agreement,
+             f"top-1 agreement with fp32 {agr if agr is None else round(agr, 4)} vs minimum {g.min_top1_agreement}")
     for item in out:
         if item["passed"] is None:  # configured but not measured: a failure, unless the run stopped early
             item["passed"] = None if partial else False

@@ -20,12 +20,19 @@ PICKLED_MODEL = "model.pt"
 
 
 def resolve_source(path: str, base_dir: Path) -> tuple[str, str]:
-    """('folder', abs path) | ('hub', id) | ('python', 'module:factory') for a `model.path` value."""
+    """('folder', abs path) | ('hub', id) | ('python', 'module:factory') | ('config', abs path of a model config
+    file, built with random weights by compress.models.scratch) for a `model.path` value."""
     if path.startswith("python:"):
         target = path[len("python:") :]
         if ":" not in target:
             raise InputError(f"model.path: '{path}' should be python:module:function, e.g. python:mypkg.models:build")
         return "python", target
+    if path.startswith("config:"):  # a model built from a config file, random weights (compress.models.scratch)
+        spec = Path(os.path.expanduser(path[len("config:") :]))
+        spec = spec if spec.is_absolute() else base_dir / spec
+        if not spec.is_file():
+            raise InputError(f"model.path: config file {spec} does not exist; fix the path (relative to the YAML file)")
+        return "config", str(spec.resolve())
     if path.startswith("package:"):
         pkg = path[len("package:") :]
         try:

@@ -239,6 +239,8 @@ def prepare_feed(inputs: Mapping[str, Any], specs: Mapping[str, tuple[np.dtype |
         elif name in _DEFAULT_INPUTS and "input_ids" in inputs:
             arr = np.full(_to_numpy(inputs["input_ids"]).shape, _DEFAULT_INPUTS[name])
             log.debug("input '%s' not given; filled with %d", name, _DEFAULT_INPUTS[name])
+        elif (arr := _decoder_default(name, inputs, _shape, dtype)) is not None:  # KV-cache decoder: empty past
+            pass
         else:
             raise InputError(
                 f"ONNX input '{name}' is missing from the inputs given ({', '.join(sorted(inputs)) or 'none'}); "
@@ -248,6 +250,12 @@ def prepare_feed(inputs: Mapping[str, Any], specs: Mapping[str, tuple[np.dtype |
             arr = arr.astype(dtype)
         feed[name] = np.ascontiguousarray(arr)
     return feed
+
+
+def _decoder_default(name: str, inputs: Mapping[str, Any], shape: list[Any], dtype: np.dtype | None) -> np.ndarray | None:
+    from compress.onnx.decoder import default_input
+
+    return default_input(name, inputs, shape, dtype)
 
 
 def _to_numpy(x: Any) -> np.ndarray:

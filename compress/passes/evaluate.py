@@ -31,7 +31,8 @@ class Evaluate(Pass):
     Config = EvaluateConfig
     # 2: quality_drop of perplexity is absolute (student minus teacher), as documented; was relative
     # 3: reads and writes typed model-file records and the typed evaluation
-    version = "3"
+    # 4: causal-lm decoders: top-1 agreement / perplexity increase vs fp32, prefill ms, decode tokens/s
+    version = "4"
     uses_data = ("eval",)
     uses_target = True
     consumes = (Kind.ONNX, Kind.TEACHER)
@@ -104,10 +105,13 @@ class Evaluate(Pass):
         lat_inputs = task.synthetic_inputs((student if student is not None else teacher).config, batch_size=t.batch_size, seq_len=t.seq_len,
                                            image_size=t.image_size)
 
+        outputs: dict[str, list[torch.Tensor]] = {}
         with ctx.progress.task(f"{ctx.label}: ONNX Runtime", total=len(models)) as bar:
             for m in models:
                 sess = make_session(m.path, provider=t.provider, threads=t.threads)
                 s_out = [torch.from_numpy(next(iter(run_session(sess, model_inputs(b)).values()))) for b in batches]
+                if task.name == "causal-lm":
+                    outputs[m.name] = s_out
                 scores = score(batches, s_out, t_out)
                 q = scores[metric]
                 tq = teacher_scores[metric]
@@ -120,6 +124,10 @@ class Evaluate(Pass):
                     stats.update(latency_p50_ms=lat["p50_ms"], latency_p90_ms=lat["p90_ms"], latency_mean_ms=lat["mean_ms"])
                 evaluation.models[m.name] = stats
                 bar.advance(status=f"{m.name}: {metric} {q:.4g}")
+        if outputs:  # decoders: quantized vs fp32 agreement and perplexity, prefill ms and decode tokens/s
+            from compress.onnx.decoder import causal_lm_stats
+
+            causal_lm_stats(evaluation, models, outputs, batches, t, latency=cfg.latency)
         variants = evaluation.report(artifact.shipped())["variants"]
         ctx.metrics.update(
             {f"{name}.{k}": v for name, s in variants.items() for k, v in s.items()

@@ -28,6 +28,10 @@ class ExportConfig(PassConfig):
         "dynamo", description="dynamo (torch.export) or legacy (TorchScript, eager attention): on a legacy graph ORT's "
         "transformer optimizer also fuses the attention blocks (BERT-like models), which dynamic int8 then runs "
         "as QAttention (benchmarks/README.md).")
+    cache: bool = Field(False, description="causal-lm: export a decoder with past key/values (prefill and decode in one "
+                        "graph, ORT/optimum input names; GPT-2, LLaMA, Qwen2) and check greedy generation parity "
+                        "(docs/decoder.md).")
+    parity_tokens: int = Field(20, gt=0, description="cache: greedy tokens per prompt that must match PyTorch generate.")
 
 
 def sample_inputs(ctx: PassContext, model: Any, pre: Any, n: int, max_length: int = 32) -> dict[str, torch.Tensor]:
@@ -46,7 +50,7 @@ class Export(Pass):
 
     type = "export"
     Config = ExportConfig
-    version = "2"  # 2: typed model-file records in the artifact
+    version = "3"  # 2: typed model-file records in the artifact; 3: cache
     uses_data = ("eval", "calibration", "train")
     consumes = (Kind.TORCH_STUDENT,)
     produces = (Kind.ONNX, Kind.ONNX_FP32)
@@ -66,6 +70,8 @@ class Export(Pass):
         pre = ctx.load_preprocessor(artifact)
         example = sample_inputs(ctx, model, pre, 2, max_length=16)
         check = sample_inputs(ctx, model, pre, cfg.parity_examples, max_length=ctx.run.model.max_length)
+        if cfg.cache:
+            return _export_decoder(self, artifact, ctx, model, check)
         raw = ctx.out_dir / "student.raw.onnx"
         with ctx.progress.task(f"{ctx.label}: torch.onnx.export", total=None):
             export_onnx(traced, example, raw, task=task, opset=cfg.opset, exporter=cfg.exporter,
@@ -101,3 +107,26 @@ class Export(Pass):
         ctx.metrics.update(fused=fused, size_mb=onnx_size_mb(final), opset=cfg.opset)
         # the new fp32 graph replaces every ONNX model made before (they came from an older student)
         return artifact.replace(models=[ModelFile(final, precision="fp32", method="export")], evaluation=None)
+
+
+def _export_decoder(p: Export, artifact: Artifact, ctx: PassContext, model: Any, check: dict[str, torch.Tensor]) -> Artifact:
+    """`cache: true`: the decoder with its KV cache (compress.onnx.decoder), logits and greedy generation parity."""
+    from compress.errors import InputError
+    from compress.onnx.decoder import check_decoder, export_decoder
+    from compress.onnx.runtime import onnx_size_mb
+
+    cfg: ExportConfig = p.config  # type: ignore[assignment]
+    if ctx.run.model.task != "causal-lm":
+        raise InputError(f"passes: '{ctx.label}'.cache: a KV cache needs model.task causal-lm (got {ctx.run.model.task})")
+    final = ctx.out_dir / "student.onnx"
+    with ctx.progress.task(f"{ctx.label}: torch.onnx.export (KV cache)", total=None):
+        export_decoder(model, final, opset=cfg.opset)
+    res = check_decoder(model, final, check, atol=cfg.atol, min_cosine=cfg.min_cosine, new_tokens=cfg.parity_tokens)
+    ctx.metrics.update(parity_max_abs_diff=res.max_abs_diff, parity_cosine=res.cosine, cache=True,
+                       generation_token_agreement=res.generation.token_agreement, size_mb=onnx_size_mb(final),
+                       opset=cfg.opset, fused=False)
+    if not res.ok:
+        raise PassFailed(ctx.label, f"the ONNX decoder differs from PyTorch: logits max abs diff {res.max_abs_diff:.3g} "
+                         f"(atol {cfg.atol}), cosine {res.cosine:.6f}; greedy tokens agree "
+                         f"{res.generation.token_agreement:.1%}")
+    return artifact.replace(models=[ModelFile(final, precision="fp32", method="export")], evaluation=None)

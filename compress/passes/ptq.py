@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from compress.artifact import Artifact, ModelFile
 from compress.contracts import Kind
@@ -15,12 +15,24 @@ from compress.passes.common import first_split, model_inputs, task_batches
 from compress.registry import register
 
 
+class Int4(BaseModel):
+    """int4 weight-only (MatMulNBits) settings: compress.onnx.int4."""
+
+    model_config = ConfigDict(extra="forbid")
+    block_size: int = Field(32, description="Input rows per scale (a power of two >= 16 that divides every quantized MatMul's input dimension).")
+    symmetric: bool = Field(True, description="Symmetric blocks (no zero point) or asymmetric (a 4-bit zero point per block).")
+    accuracy_level: int | None = Field(None, description="MatMulNBits accuracy_level: None/0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute of the activations (fastest on x86).")
+    lm_head: Literal["int4", "fp32"] = Field("int4", description="Precision of the LM head (the MatMul that makes the logits).")
+    embeddings: Literal["fp32", "int4"] = Field("fp32", description="Precision of the embedding tables (int4: GatherBlockQuantized).")
+
+
 class PTQConfig(PassConfig):
-    methods: list[Literal["dynamic", "static"]] = Field(
+    methods: list[Literal["dynamic", "static", "int4"]] = Field(
         default_factory=lambda: ["dynamic", "static"], min_length=1,
-        description="Which int8 models to make: dynamic (weights int8, activations quantized at run time) and/or static (QDQ, calibrated).",
+        description="Which quantized models to make: dynamic int8 (weights int8, activations quantized at run time), static int8 (QDQ, calibrated), int4 (weight-only MatMulNBits, see `int4`).",
     )
-    primary: Literal["dynamic", "static"] = Field("dynamic", description="Which one becomes the shipped student.int8.onnx.")
+    primary: Literal["dynamic", "static", "int4"] = Field("dynamic", description="Which one becomes the shipped student (student.int8.onnx / int4).")
+    int4: Int4 = Field(None, description="int4 weight-only settings (when methods has int4); unset: block_size 32, symmetric, LM head int4, embeddings fp32.")  # type: ignore[assignment]
     per_channel: bool = Field(True, description="Per-channel weight scales for static quantization.")
     activations: Literal["uint8", "int8"] = Field(
         "uint8", description="Static activation type: uint8 (U8S8, ONNX Runtime's fast path on x86 CPUs: 5x faster "
@@ -43,7 +55,7 @@ class PTQ(Pass):
 
     type = "ptq"
     Config = PTQConfig
-    version = "5"  # 4: typed model-file records in the artifact; 5: reduce_range
+    version = "6"  # 4: typed model-file records in the artifact; 5: reduce_range; 6: int4 weight-only
     uses_data = ("calibration", "train")
     consumes = (Kind.ONNX_FP32,)
     refuses = (Kind.ONNX_QUANTIZED,)  # a graph that already holds Q/DQ (ptq, qat) is not quantized again
@@ -91,8 +103,16 @@ class PTQ(Pass):
         made: dict[str, Any] = {}  # method -> path
         with ctx.progress.task(f"{ctx.label}: quantizing", total=len(cfg.methods)) as bar:
             for method in cfg.methods:
-                dst = ctx.out_dir / f"student.int8-{method}.onnx"
-                if method == "dynamic":
+                dst = ctx.out_dir / (f"student.int8-{method}.onnx" if method != "int4" else "student.int4-weight-only.onnx")
+                if method == "int4":
+                    from compress.onnx.int4 import quantize_int4
+
+                    o = cfg.int4 or Int4()
+                    counts = quantize_int4(src, dst, block_size=o.block_size, symmetric=o.symmetric,
+                                           accuracy_level=o.accuracy_level, lm_head_precision=o.lm_head,
+                                           embeddings=o.embeddings)
+                    ctx.metrics.update({f"int4_{k}": v for k, v in counts.items()})
+                elif method == "dynamic":
                     quantize_dynamic_int8(src, dst, op_types=op_types, reduce_range=cfg.reduce_range)
                 else:
                     assert calib is not None
@@ -100,7 +120,9 @@ class PTQ(Pass):
                                         op_types=op_types, activations=cfg.activations, reduce_range=cfg.reduce_range)
                 made[method] = dst
                 bar.advance()
-        models = [*artifact.models, *(ModelFile(path, precision="int8", method=method, shipped=method == cfg.primary)
+        models = [*artifact.models, *(ModelFile(path, precision="int4" if method == "int4" else "int8",
+                                                method="weight-only" if method == "int4" else method,
+                                                shipped=method == cfg.primary)
                                       for method, path in made.items())]
         # fidelity of each int8 model to the fp32 one on the calibration inputs
         if calib:

@@ -125,8 +125,11 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 
 def shipped_variant(variants: dict[str, Any]) -> str:
-    """Which evaluated ONNX student ships: the one `int8` aliases, else fp32."""
-    return variants.get("int8", {}).get("alias_of") or ("fp32" if "int8" not in variants else "int8")
+    """Which evaluated ONNX student ships: the one `int8` (or `int4`) aliases, else fp32."""
+    for precision in ("int8", "int4"):
+        if precision in variants:
+            return variants[precision].get("alias_of") or precision
+    return "fp32"
 
 
 def variants_table(evaluation: dict[str, Any] | None) -> str:
