@@ -258,18 +258,21 @@ class Pipeline:
         self, artifact: Artifact, p: Pass, rec: StepRecord, data: DataProvider, progress: Progress, force: bool
     ) -> Artifact:
         run = self.run_config
-        key = stable_hash(
-            {
-                "input": artifact.key,
-                "type": p.type,
-                "version": p.version,
-                "config": rec.config,
-                "data": data.fingerprint(p.uses_data),
-                "target": run.target.model_dump(mode="json") if getattr(p, "uses_target", False) else None,
-                "seed": run.seed,
-                "label": rec.label,
-            }
-        )
+        fields = {
+            "input": artifact.key,
+            "type": p.type,
+            "version": p.version,
+            "config": rec.config,
+            "data": data.fingerprint(p.uses_data),
+            "target": run.target.model_dump(mode="json") if getattr(p, "uses_target", False) else None,
+            "seed": run.seed,
+            "label": rec.label,
+        }
+        if run.target.edge is not None and getattr(p, "uses_edge", False):  # only then: server keys stay as they were
+            from compress.onnx.edge import profile
+
+            fields["edge"] = profile(run)
+        key = stable_hash(fields)
         rec.key = key
         if not force:
             cached = Artifact.load(self.cache / key, self.cache)
@@ -350,6 +353,10 @@ def check_pipeline(run: RunConfig, file: str) -> list[Pass]:
         if problem:
             raise ConfigError(f"{file}: passes[{i}] ({p.type}): {problem}")
     check_order(passes, run.pass_labels(), file, all_passes())
+    if run.target.edge is not None or run.gates.min_ep_coverage or run.gates.max_ep_partitions:
+        from compress.onnx.edge import check_profile
+
+        check_profile(run, file)  # fixed shapes, known EP names (docs/edge.md)
     check_gates_measurable(run, passes, file)
     return passes
 
@@ -358,7 +365,8 @@ def check_pipeline(run: RunConfig, file: str) -> list[Pass]:
 def check_gates_measurable(run: RunConfig, passes: list[Pass], file: str) -> None:
     g = run.gates
     made = {kind for p in passes for kind in p.produces}
-    needs_eval = [n for n in ("max_quality_drop", "max_latency_ms", "min_fidelity") if getattr(g, n) is not None]
+    needs_eval = [n for n in ("max_quality_drop", "max_latency_ms", "min_fidelity", "min_ep_coverage",
+                                "max_ep_partitions") if getattr(g, n) is not None]
     if needs_eval and Kind.EVALUATION not in made:
         raise ConfigError(
             f"{file}: gates.{needs_eval[0]}: nothing measures it; add {{type: evaluate}} to passes or remove the gate"
@@ -406,6 +414,10 @@ def evaluate_gates(run: RunConfig, artifact: Artifact, partial: bool = False) ->
         fid = stats.get("fidelity")
         gate("min_fidelity", g.min_fidelity, fid, None if fid is None else fid >= g.min_fidelity,
              f"fidelity {fid if fid is None else round(fid, 4)} vs minimum {g.min_fidelity}")
+    if g.min_ep_coverage or g.max_ep_partitions:
+        from compress.onnx.edge import ep_gates
+
+        out += ep_gates(g, ev, final, artifact.fp32_onnx())
     for item in out:
         if item["passed"] is None:  # configured but not measured: a failure, unless the run stopped early
             item["passed"] = None if partial else False

@@ -52,6 +52,9 @@ class PTQ(Pass):
         cfg: PTQConfig = self.config  # type: ignore[assignment]
         if cfg.primary not in cfg.methods:
             return f"primary: '{cfg.primary}' is not among methods {cfg.methods}"
+        if run.target.edge is not None and "dynamic" in cfg.methods:
+            return ("methods: dynamic int8 (DynamicQuantizeLinear, MatMulInteger) has no NNAPI/CoreML kernels; "
+                    "an edge target (target.edge) takes methods: [static], primary: static")
         if "static" in cfg.methods and run.data.calibration is None and run.data.train is None:
             return "static quantization needs data.calibration (or data.train) to calibrate on"
         return None
@@ -80,6 +83,10 @@ class PTQ(Pass):
                 model_inputs(b)
                 for b in task_batches(ctx, split, pre, batch_size=cfg.batch_size, limit=cfg.calibration_examples, model=model)
             ]
+        if calib is not None and ctx.run.target.edge is not None:  # a fixed-shape graph takes its own shapes
+            from compress.onnx.edge import fit_batches
+
+            calib = fit_batches(calib, src)
         op_types = ("MatMul", "Gemm", "Gather") if cfg.quantize_embeddings else ("MatMul", "Gemm")
         made: dict[str, Any] = {}  # method -> path
         with ctx.progress.task(f"{ctx.label}: quantizing", total=len(cfg.methods)) as bar:
@@ -93,6 +100,11 @@ class PTQ(Pass):
                                         op_types=op_types, activations=cfg.activations, reduce_range=cfg.reduce_range)
                 made[method] = dst
                 bar.advance()
+        if ctx.run.target.edge is not None and calib:  # LayerNorm spelled out again, the .ort file (docs/edge.md)
+            from compress.onnx.edge import finish_quantized
+
+            for method, path in made.items():
+                ctx.metrics[f"{method}_edge"] = finish_quantized(path, calib)
         models = [*artifact.models, *(ModelFile(path, precision="int8", method=method, shipped=method == cfg.primary)
                                       for method, path in made.items())]
         # fidelity of each int8 model to the fp32 one on the calibration inputs
