@@ -69,6 +69,12 @@ def test_edge_bert_pipeline(tmp_path):
                           "DynamicQuantizeLinear", "MatMulInteger"}, ops
         assert all(n.domain in ("", "ai.onnx") for n in onnx.load(str(out / f)).graph.node)  # no contrib ops
     assert {"QuantizeLinear", "DequantizeLinear"} <= _graph_ops(out / "student.int8-static.onnx")
+    # weight MatMuls / Gemms in int8, the attention products of two activations left in float
+    g = onnx.load(str(out / "student.int8-static.onnx")).graph
+    made_by = {o: n.op_type for n in g.node for o in n.output}
+    float_mm = [n for n in g.node if n.op_type == "MatMul" and not any(made_by.get(i) == "DequantizeLinear" for i in n.input)]
+    assert len(float_mm) == 4  # QK^T and PV in each of the 2 layers
+    assert sum(n.op_type in ("MatMul", "Gemm") for n in g.node) > len(float_mm)
     export = rep["passes"][0]["metrics"]
     assert export["parity_max_abs_diff"] < 1e-3 and export["ort_max_abs_diff"] < 1e-5
     assert export["mask_ops_left"] == [] and export["edge_shape"] == [2, 24]

@@ -44,6 +44,7 @@ class PTQ(Pass):
     Config = PTQConfig
     version = "5"  # 4: typed model-file records in the artifact; 5: reduce_range
     uses_data = ("calibration", "train")
+    uses_edge = True  # target.edge: weight MatMuls only, LayerNorm spelled out again, .ort (pipeline cache key)
     consumes = (Kind.ONNX_FP32,)
     refuses = (Kind.ONNX_QUANTIZED,)  # a graph that already holds Q/DQ (ptq, qat) is not quantized again
     produces = (Kind.ONNX_QUANTIZED,)
@@ -97,7 +98,8 @@ class PTQ(Pass):
                 else:
                     assert calib is not None
                     quantize_static_qdq(src, dst, calib, per_channel=cfg.per_channel, method=cfg.calibration,
-                                        op_types=op_types, activations=cfg.activations, reduce_range=cfg.reduce_range)
+                                        op_types=op_types, activations=cfg.activations, reduce_range=cfg.reduce_range,
+                                        weight_matmuls_only=ctx.run.target.edge is not None)
                 made[method] = dst
                 bar.advance()
         if ctx.run.target.edge is not None and calib:  # LayerNorm spelled out again, the .ort file (docs/edge.md)
