@@ -175,6 +175,8 @@ def test_layernorm_rewrite_matches_onnx_layernorm(tmp_path):
     (None, {"min_ep_coverage": {"nnapi": 0.9}}, None, "gates.min_ep_coverage: only an edge run"),
     ({"eps": ["nnapi"]}, {}, [{"type": "export"}, {"type": "ptq"}, {"type": "evaluate"}],
      "passes[1] (ptq): methods: dynamic int8"),
+    ({"eps": ["nnapi"]}, {}, [{"type": "export"}, {"type": "qat", "steps": 1}, {"type": "evaluate"}],
+     "passes[1] (qat): its int8 export is not wired to the edge profile"),
 ])
 def test_edge_bad_input(tmp_path, tiny_bert_dir, data_dir, capsys, target_edge, gates, passes, field):
     target = {"batch_size": 1, "seq_len": 32, **({"edge": target_edge} if target_edge else {})}
