@@ -188,7 +188,7 @@ def test_edge_bad_input(tmp_path, tiny_bert_dir, data_dir, capsys, target_edge, 
     assert not (tmp_path / "out" / "student.onnx").exists()  # nothing ran
 
 
-def test_server_export_keeps_dynamic_axes_and_cache_keys(tmp_path, tiny_bert_dir, data_dir):
+def test_server_export_keeps_dynamic_axes(tmp_path, tiny_bert_dir, data_dir):
     """Without target.edge nothing changes: dynamic axes, no .ort file."""
     from compress.config import load_config
 
