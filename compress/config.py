@@ -57,14 +57,27 @@ class Gates(Strict):
         None, ge=0, le=1, description="feature-extraction: smallest allowed retrieval agreement with the teacher "
         "(recall@10 of the teacher's neighbours for sentence embeddings; needs >= 20 eval texts)."
     )
-
-
     max_perplexity_increase: float | None = Field(
         None, ge=0, description="causal-lm: largest allowed relative perplexity increase of the shipped quantized "
         "student over the fp32 student (0.1 = 10%); measured by evaluate (docs/decoder.md).")
     min_top1_agreement: float | None = Field(
         None, ge=0, le=1, description="causal-lm: smallest allowed per-step top-1 agreement of the shipped quantized "
         "student with the fp32 student on data.eval; measured by evaluate.")
+    min_ep_coverage: dict[str, float] | None = Field(
+        None, description="Edge targets: smallest share of nodes each mobile EP takes, e.g. {nnapi: 0.95} (ORT's "
+        "usability analysis; NNAPI is checked on the shipped QDQ model, CoreML on the fp32 edge model).")
+    max_ep_partitions: dict[str, int] | None = Field(
+        None, description="Edge targets: most partitions each mobile EP may split the graph into, e.g. {nnapi: 3}.")
+
+
+class EdgeProfile(Strict):
+    """`target.edge`: export for phone accelerators run by ORT Mobile (compress/onnx/edge.py, docs/edge.md)."""
+
+    eps: list[str] = Field(default_factory=lambda: ["nnapi", "coreml"], min_length=1,
+                           description="The mobile execution providers the student is for (nnapi, coreml); evaluate "
+                           "reports node coverage and partitions for each.")
+    batch_size: int | str | None = Field(None, description="Fixed batch size of the edge graph (default: target.batch_size).")
+    seq_len: int | str | None = Field(None, description="Fixed sequence length of the edge graph (default: target.seq_len).")
 
 
 class Target(Strict):
@@ -75,6 +88,8 @@ class Target(Strict):
     threads: int | None = Field(None, gt=0, description="ORT intra-op threads (default: ORT's choice).")
     warmup: int = Field(10, ge=0, description="Warm-up runs before timing.")
     runs: int = Field(50, gt=0, description="Timed runs; p50 and p90 are taken over these.")
+    edge: EdgeProfile | None = Field(None, description="Edge profile: fixed shapes, a mobile-EP graph, QDQ int8, the "
+                                     ".ort file (docs/edge.md). Unset: a server export with dynamic axes.")
 
 
 class PassSpec(Strict):

@@ -266,18 +266,21 @@ class Pipeline:
         self, artifact: Artifact, p: Pass, rec: StepRecord, data: DataProvider, progress: Progress, force: bool
     ) -> Artifact:
         run = self.run_config
-        key = stable_hash(
-            {
-                "input": artifact.key,
-                "type": p.type,
-                "version": p.version,
-                "config": rec.config,
-                "data": data.fingerprint(p.uses_data),
-                "target": run.target.model_dump(mode="json") if getattr(p, "uses_target", False) else None,
-                "seed": run.seed,
-                "label": rec.label,
-            }
-        )
+        fields = {
+            "input": artifact.key,
+            "type": p.type,
+            "version": p.version,
+            "config": rec.config,
+            "data": data.fingerprint(p.uses_data),
+            "target": run.target.model_dump(mode="json") if getattr(p, "uses_target", False) else None,
+            "seed": run.seed,
+            "label": rec.label,
+        }
+        if run.target.edge is not None and getattr(p, "uses_edge", False):  # only then: server keys stay as they were
+            from compress.onnx.edge import profile
+
+            fields["edge"] = profile(run)
+        key = stable_hash(fields)
         rec.key = key
         if not force:
             cached = Artifact.load(self.cache / key, self.cache)
@@ -358,6 +361,10 @@ def check_pipeline(run: RunConfig, file: str) -> list[Pass]:
         if problem:
             raise ConfigError(f"{file}: passes[{i}] ({p.type}): {problem}")
     check_order(passes, run.pass_labels(), file, all_passes())
+    if run.target.edge is not None or run.gates.min_ep_coverage or run.gates.max_ep_partitions:
+        from compress.onnx.edge import check_profile
+
+        check_profile(run, file)  # fixed shapes, known EP names (docs/edge.md)
     check_gates_measurable(run, passes, file)
     return passes
 
@@ -367,7 +374,8 @@ def check_gates_measurable(run: RunConfig, passes: list[Pass], file: str) -> Non
     g = run.gates
     made = {kind for p in passes for kind in p.produces}
     needs_eval = [n for n in ("max_quality_drop", "max_latency_ms", "min_fidelity", "min_retrieval_agreement",
-                              "max_perplexity_increase", "min_top1_agreement") if getattr(g, n) is not None]
+                              "max_perplexity_increase", "min_top1_agreement", "min_ep_coverage", "max_ep_partitions")
+                  if getattr(g, n) is not None]
     if needs_eval and Kind.EVALUATION not in made:
         raise ConfigError(
             f"{file}: gates.{needs_eval[0]}: nothing measures it; add {{type: evaluate}} to passes or remove the gate"
@@ -430,6 +438,10 @@ def evaluate_gates(run: RunConfig, artifact: Artifact, partial: bool = False) ->
         agr = stats.get("top1_agreement_fp32")
         gate("min_top1_agreement", g.min_top1_agreement, agr, None if agr is None else agr >= g.min_top1_agreement,
              f"top-1 agreement with fp32 {agr if agr is None else round(agr, 4)} vs minimum {g.min_top1_agreement}")
+    if g.min_ep_coverage or g.max_ep_partitions:
+        from compress.onnx.edge import ep_gates
+
+        out += ep_gates(g, ev, final, artifact.fp32_onnx())
     for item in out:
         if item["passed"] is None:  # configured but not measured: a failure, unless the run stopped early
             item["passed"] = None if partial else False

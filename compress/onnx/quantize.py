@@ -219,6 +219,7 @@ def quantize_static_qdq(
     pre_process: bool = True,
     activations: str = "uint8",
     reduce_range: bool = False,
+    weight_matmuls_only: bool = False,
 ) -> Path:
     """Static int8 in QDQ format: QuantizeLinear/DequantizeLinear pairs around `op_types` (None: every op ORT
     can quantize), activation ranges calibrated with `method` (minmax, entropy, percentile) over the given
@@ -226,6 +227,8 @@ def quantize_static_qdq(
     activations QUInt8 (`activations="uint8"`, the U8S8 kernels ONNX Runtime runs fast on x86: 8.2 vs 41 ms
     p50 for S8S8 on a 3-layer MiniLM, 2 threads) or QInt8 (`"int8"`).
     `reduce_range`: 7-bit weights and activations (x86 CPUs without VNNI).
+    `weight_matmuls_only`: quantize only MatMuls with a constant weight, leaving the attention products of two
+    activations in float (the edge profile, docs/edge.md).
     Pre-processing runs in a temporary folder, so nothing is left in the working directory."""
     if activations not in ("uint8", "int8"):
         raise InputError(f"ptq.activations: '{activations}' is not uint8 or int8")
@@ -248,6 +251,8 @@ def quantize_static_qdq(
         ops = list(op_types) if op_types else None
         extra: dict[str, Any] = {}
         cache: Path | None = None
+        # ORT's MatMulConstBOnly is not read by its QDQ quantizer: the MatMuls of two activations are excluded by name
+        skip = _activation_matmuls(model_in) if weight_matmuls_only else []
         # the entropy/percentile calibrators print() their progress: kept out of the user's terminal
         with _cwd(folder), quiet_logs(root=True), redirect_stdout(io.StringIO()):
             if method == "percentile":
@@ -258,7 +263,7 @@ def quantize_static_qdq(
                         per_channel=per_channel, activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
                         weight_type=QuantType.QInt8,
                         use_external_data_format=external, calibrate_method=CALIBRATION_METHODS[method],
-                        calibration_cache_path=cache, reduce_range=reduce_range)
+                        calibration_cache_path=cache, reduce_range=reduce_range, nodes_to_exclude=skip)
             try:
                 with atomic_onnx_path(dst) as tmp:
                     reader.rewind()
@@ -275,6 +280,13 @@ def quantize_static_qdq(
                                     extra_options=dict(extra, QuantizeBias=False), **args)  # type: ignore[arg-type]
     log.info("static QDQ int8 (%s, %d batches, per_channel=%s): %s -> %s", method, len(batches), per_channel, src.name, dst.name)
     return dst
+
+
+def _activation_matmuls(path: Path) -> list[str]:
+    """Names of the MatMul nodes whose B input is not a weight (initializer or Constant)."""
+    g = onnx.load(str(path), load_external_data=False).graph
+    consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in g.node if n.op_type == "MatMul" and n.name and n.input[1] not in consts]
 
 
 def quantized_op_counts(path: Path) -> dict[str, int]:

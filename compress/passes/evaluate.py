@@ -43,7 +43,7 @@ class Evaluate(Pass):
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
         from compress.models.loading import count_params, folder_size_mb
-        from compress.onnx.runtime import make_session, measure_latency, onnx_size_mb, run_session
+        from compress.onnx.runtime import make_session, measure_latency, onnx_size_mb
 
         cfg: EvaluateConfig = self.config  # type: ignore[assignment]
         task = get_task(ctx.run.model.task)
@@ -106,10 +106,13 @@ class Evaluate(Pass):
                                            image_size=t.image_size)
 
         outputs: dict[str, list[torch.Tensor]] = {}
+        from compress.onnx.edge import edge_stats, fixed_latency_inputs, run_fixed
+
         with ctx.progress.task(f"{ctx.label}: ONNX Runtime", total=len(models)) as bar:
             for m in models:
                 sess = make_session(m.path, provider=t.provider, threads=t.threads)
-                s_out = [torch.from_numpy(next(iter(run_session(sess, model_inputs(b)).values()))) for b in batches]
+                # run_fixed: a fixed-shape edge graph gets the batches regrouped to its shapes; others as they are
+                s_out = [torch.from_numpy(next(iter(run_fixed(sess, model_inputs(b)).values()))) for b in batches]
                 if task.name == "causal-lm":
                     outputs[m.name] = s_out
                 scores = score(batches, s_out, t_out)
@@ -118,8 +121,11 @@ class Evaluate(Pass):
                 drop = (tq - q) if higher else (q - tq)  # absolute, in the metric's units (config.Gates)
                 stats: dict[str, Any] = {"quality": q, **scores, "quality_drop": drop,
                                          "size_mb": onnx_size_mb(m.path), "params": student_params}
+                if ctx.run.target.edge is not None:  # mobile usability per EP, the .ort file's quality (docs/edge.md)
+                    stats.update(edge_stats(m.path, [model_inputs(b) for b in batches], s_out,
+                                            lambda outs: score(batches, outs, t_out), metric, t.threads))
                 if cfg.latency:
-                    lat = measure_latency(m.path, lat_inputs, provider=t.provider, threads=t.threads,
+                    lat = measure_latency(m.path, fixed_latency_inputs(m.path, lat_inputs), provider=t.provider, threads=t.threads,
                                           warmup=t.warmup, runs=t.runs)
                     stats.update(latency_p50_ms=lat["p50_ms"], latency_p90_ms=lat["p90_ms"], latency_mean_ms=lat["mean_ms"])
                 evaluation.models[m.name] = stats

@@ -52,6 +52,7 @@ class Export(Pass):
     Config = ExportConfig
     version = "3"  # 2: typed model-file records in the artifact; 3: cache
     uses_data = ("eval", "calibration", "train")
+    uses_edge = True  # target.edge changes what it makes (pipeline cache key)
     consumes = (Kind.TORCH_STUDENT,)
     produces = (Kind.ONNX, Kind.ONNX_FP32)
     drops = (Kind.ONNX_QUANTIZED, Kind.EVALUATION)  # the models (and their evaluation) of an older student
@@ -72,6 +73,10 @@ class Export(Pass):
         check = sample_inputs(ctx, model, pre, cfg.parity_examples, max_length=ctx.run.model.max_length)
         if cfg.cache:
             return _export_decoder(self, artifact, ctx, model, check)
+        if ctx.run.target.edge is not None:  # phone accelerators: fixed shapes, mobile-EP graph, .ort (docs/edge.md)
+            from compress.onnx.edge import run_edge_export
+
+            return run_edge_export(artifact, ctx, model, example, check, cfg)
         raw = ctx.out_dir / "student.raw.onnx"
         with ctx.progress.task(f"{ctx.label}: torch.onnx.export", total=None):
             export_onnx(traced, example, raw, task=task, opset=cfg.opset, exporter=cfg.exporter,

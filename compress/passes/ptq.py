@@ -57,6 +57,7 @@ class PTQ(Pass):
     Config = PTQConfig
     version = "6"  # 4: typed model-file records in the artifact; 5: reduce_range; 6: int4 weight-only
     uses_data = ("calibration", "train")
+    uses_edge = True  # target.edge: weight MatMuls only, LayerNorm spelled out again, .ort (pipeline cache key)
     consumes = (Kind.ONNX_FP32,)
     refuses = (Kind.ONNX_QUANTIZED,)  # a graph that already holds Q/DQ (ptq, qat) is not quantized again
     produces = (Kind.ONNX_QUANTIZED,)
@@ -65,6 +66,9 @@ class PTQ(Pass):
         cfg: PTQConfig = self.config  # type: ignore[assignment]
         if cfg.primary not in cfg.methods:
             return f"primary: '{cfg.primary}' is not among methods {cfg.methods}"
+        if run.target.edge is not None and "dynamic" in cfg.methods:
+            return ("methods: dynamic int8 (DynamicQuantizeLinear, MatMulInteger) has no NNAPI/CoreML kernels; "
+                    "an edge target (target.edge) takes methods: [static], primary: static")
         if "static" in cfg.methods and run.data.calibration is None and run.data.train is None:
             return "static quantization needs data.calibration (or data.train) to calibrate on"
         return None
@@ -93,6 +97,10 @@ class PTQ(Pass):
                 model_inputs(b)
                 for b in task_batches(ctx, split, pre, batch_size=cfg.batch_size, limit=cfg.calibration_examples, model=model)
             ]
+        if calib is not None and ctx.run.target.edge is not None:  # a fixed-shape graph takes its own shapes
+            from compress.onnx.edge import fit_batches
+
+            calib = fit_batches(calib, src)
         q_emb = cfg.quantize_embeddings
         if q_emb == "auto":
             from compress.embed.hooks import quantize_embeddings_default
@@ -117,9 +125,15 @@ class PTQ(Pass):
                 else:
                     assert calib is not None
                     quantize_static_qdq(src, dst, calib, per_channel=cfg.per_channel, method=cfg.calibration,
-                                        op_types=op_types, activations=cfg.activations, reduce_range=cfg.reduce_range)
+                                        op_types=op_types, activations=cfg.activations, reduce_range=cfg.reduce_range,
+                                        weight_matmuls_only=ctx.run.target.edge is not None)
                 made[method] = dst
                 bar.advance()
+        if ctx.run.target.edge is not None and calib:  # LayerNorm spelled out again, the .ort file (docs/edge.md)
+            from compress.onnx.edge import finish_quantized
+
+            for method, path in made.items():
+                ctx.metrics[f"{method}_edge"] = finish_quantized(path, calib)
         models = [*artifact.models, *(ModelFile(path, precision="int4" if method == "int4" else "int8",
                                                 method="weight-only" if method == "int4" else method,
                                                 shipped=method == cfg.primary)

@@ -102,8 +102,12 @@ def _atomic_copy(src: Path, dst: Path) -> None:
 def write_outputs(out: Path, report: dict[str, Any], artifact: Artifact | None, records: list[StepRecord]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if artifact is not None:
+        from compress.onnx.edge import sidecars
+
         for m in artifact.models:
             _atomic_copy(Path(m.path), out / onnx_file_name(m.name))
+            for src, name in sidecars(Path(m.path), onnx_file_name(m.name)):  # edge: .ort + operator config
+                _atomic_copy(src, out / name)
             if m.shipped:
                 _atomic_copy(Path(m.path), out / onnx_file_name(m.precision))
         if artifact.model_dir is not None and report["status"] in ("passed", "gate_failed"):
