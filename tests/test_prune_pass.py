@@ -69,6 +69,23 @@ def test_taylor_prune_then_distill_cached(tmp_path, bert4_dir, data_dir):
         "finetune": "cached", "prune": "cached", "distill": "cached", "export": "cached", "evaluate": "cached"}
 
 
+def test_activation_method_through_the_pass(tmp_path, bert4_dir, data_dir):
+    """activation scores (Minitron, from calibration batches), per layer, to a fraction target; the pruned student
+    exports and evaluates."""
+    method = "activation"
+    passes = [FINETUNE,
+              {"type": "prune", "method": method, "granularities": ["heads", "ffn", "hidden"],
+               "target": {"fraction": 0.6}, "scope": "layer", "calibration_examples": 32},
+              {"type": "export"}, {"type": "evaluate"}]
+    cfg = _write(tmp_path, bert4_dir, data_dir, passes)
+    assert main(["run", str(cfg), "-q"]) == 0, _report(tmp_path)["error"]
+    rep = _report(tmp_path)
+    m = rep["passes"][1]["metrics"]
+    assert 0.5 * m["params_before"] < m["params_after"] <= m["target_params"] == int(0.6 * m["params_before"])
+    assert m["hidden_after"] < m["hidden_before"]
+    assert rep["evaluation"]["variants"]["fp32"]["params"] == m["params_after"]
+
+
 def test_learned_masks_with_vocab_trimming(tmp_path, bert4_dir, data_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
