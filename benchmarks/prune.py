@@ -15,7 +15,8 @@ ONNX file in ONNX Runtime with its model's own tokenizer on the same `--eval` tw
 (read past the config's limit; the runs keep the config's data, so a demo's cache is reused). Ratios are against the fp32
 teacher (its ONNX export).
 
-    python benchmarks/prune.py [--target-params N] [--steps S] [--eval 3000] [--cache DIR] [--curve 0.12,0.25]
+    python benchmarks/prune.py [--target-params N] [--steps S] [--recover-epochs E] [--eval 3000] [--cache DIR]
+                               [--curve 0.12,0.25]
 
 `--curve` adds learned-pruning rows at more targets (fractions of the teacher's parameters): accuracy against
 latency. Not a timed test; it takes tens of minutes on 2 CPU cores.
@@ -47,15 +48,27 @@ def _passes(base: dict[str, Any], kind: str, args: argparse.Namespace, fraction:
     if kind == "student":
         return [finetune, distill, *tail]
     if kind == "importance":
-        return [finetune, {"type": "prune", "method": "taylor", "granularities": grans, "target": target,
-                           "scope": "global", "round_to": args.round_to}, *tail]
+        return _with_recovery([finetune, {"type": "prune", "method": "taylor", "granularities": grans, "target": target,
+                           "scope": "global", "round_to": args.round_to}, *tail], base, args)
     if kind == "learned":
-        return [finetune, {"type": "prune", "method": "learned", "granularities": grans, "target": target,
+        return _with_recovery([finetune, {"type": "prune", "method": "learned", "granularities": grans, "target": target,
                            "round_to": args.round_to, "steps": args.steps, "batch_size": 32, "lr": args.lr,
                            "weights": {"logit": 1.0, "ce": 0.5, "hidden": 1.0}, "log_every": 10,
                            "mask_lr": args.mask_lr, "target_ramp": args.ramp, "init_keep": args.init_keep,
-                           "checkpoint_every": 100}, *tail]
+                           "checkpoint_every": 100}, *tail], base, args)
     raise ValueError(kind)
+
+
+def _with_recovery(passes: list[dict], base: dict[str, Any], args: argparse.Namespace) -> list[dict]:
+    """Prune, then distil the pruned student from the fine-tuned teacher (the config's distill settings, without
+    its layer choice: the student is the pruned model)."""
+    if args.recover_epochs <= 0:
+        return passes
+    distill = next(p for p in base["passes"] if p["type"] == "distill")
+    recover = {k: v for k, v in distill.items() if k not in ("student_layers", "schedule")}
+    recover["epochs"] = args.recover_epochs
+    i = next(i for i, p in enumerate(passes) if p["type"] == "prune")
+    return [*passes[:i + 1], recover, *passes[i + 1:]]
 
 
 def main() -> int:
@@ -77,6 +90,8 @@ def main() -> int:
     ap.add_argument("--init-keep", type=float, default=0.95, help="learned masks: P(gate > 0) at the start")
     ap.add_argument("--lr", type=float, default=5e-5, help="learned masks: lr of the student's weights")
     ap.add_argument("--round-to", type=int, default=16)
+    ap.add_argument("--recover-epochs", type=float, default=0.0, help="distil each pruned student for this many "
+                    "epochs after pruning (recovery; 0: none)")
     ap.add_argument("--eval", type=int, default=3000, help="eval examples (the same for every row)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
     ap.add_argument("--curve", default="", help="comma-separated fractions: extra learned rows")

@@ -95,3 +95,36 @@ def test_bad_targets_and_methods_are_input_errors() -> None:
         score_units(model, "taylor")
     with pytest.raises(InputError, match="prune granularities: unknown vocabulary"):
         plan_at_ratio(model, scores, 0.5, granularities=("vocabulary",))
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "vit"])
+def test_a_layer_that_passes_its_input_through_is_dropped_first(family: str) -> None:
+    """Layer 1 made an identity (its attention output and FFN down projections are 0): its block importance
+    (1 - cos(input, output)) is about 0, the lowest; a layers plan drops it, and for pre-norm families the
+    shrunk model computes exactly what the model did."""
+    model = _build(family).eval()
+    lv = get_adapter(model).layers[1]
+    with torch.no_grad():
+        for lin in (lv.attention.o, lv.ffn.down):
+            proj_weight(lin).zero_()
+            if getattr(lin, "bias", None) is not None:
+                lin.bias.zero_()
+    x = _inputs(family)
+    scores = score_units(model, "activation", [x], layers=True)
+    assert scores.layers.shape == (3,) and int(scores.layers.argmin()) == 1
+    assert float(scores.layers[1]) < 0.1 * float(scores.layers[[0, 2]].min()), scores.layers
+    plan = plan_at_ratio(model, scores, 0.6, granularities=["layers"])
+    assert plan.layers == [0, 2]
+    small = shrink(model, plan)
+    assert get_adapter(small).num_layers == 2
+    if get_adapter(model).layers[0].norm_position == "pre":
+        with torch.no_grad():
+            torch.testing.assert_close(small(**x).logits, model(**x).logits, atol=1e-5, rtol=1e-4)
+    # the layer scores do not depend on the unit method; magnitude needs batches for them
+    if family == "bert":
+        labelled = {**x, "labels": torch.zeros(x["input_ids"].shape[0], dtype=torch.long)}
+        torch.testing.assert_close(score_units(model, "taylor", [labelled], layers=True).layers, scores.layers)
+    with pytest.raises(InputError, match="pruning whole layers needs calibration batches"):
+        score_units(model, "magnitude", layers=True)
+    with pytest.raises(InputError, match="no layer importance"):
+        plan_at_ratio(model, score_units(model, "magnitude"), 0.5, granularities=["layers"])

@@ -69,6 +69,24 @@ def test_taylor_prune_then_distill_cached(tmp_path, bert4_dir, data_dir):
         "finetune": "cached", "prune": "cached", "distill": "cached", "export": "cached", "evaluate": "cached"}
 
 
+def test_activation_method_through_the_pass(tmp_path, bert4_dir, data_dir):
+    """activation scores (Minitron, from calibration batches) and whole layers by block importance, per layer, to a
+    fraction target; the pruned student exports and evaluates."""
+    method = "activation"
+    passes = [FINETUNE,
+              {"type": "prune", "method": method, "granularities": ["layers", "heads", "ffn", "hidden"],
+               "target": {"fraction": 0.6}, "scope": "layer", "calibration_examples": 32},
+              {"type": "export"}, {"type": "evaluate"}]
+    cfg = _write(tmp_path, bert4_dir, data_dir, passes)
+    assert main(["run", str(cfg), "-q"]) == 0, _report(tmp_path)["error"]
+    rep = _report(tmp_path)
+    m = rep["passes"][1]["metrics"]
+    assert 0.5 * m["params_before"] < m["params_after"] <= m["target_params"] == int(0.6 * m["params_before"])
+    assert m["hidden_after"] < m["hidden_before"]
+    assert 1 <= len(m["kept_layers"]) < 4 and len(m["kept_per_layer"]) == len(m["kept_layers"])  # block importance
+    assert rep["evaluation"]["variants"]["fp32"]["params"] == m["params_after"]
+
+
 def test_learned_masks_with_vocab_trimming(tmp_path, bert4_dir, data_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -93,7 +111,6 @@ def test_learned_masks_with_vocab_trimming(tmp_path, bert4_dir, data_dir):
 @pytest.mark.parametrize("prune, message", [
     ({"target": {"fraction": 1.0}}, "keeps everything"),
     ({"target": {"fraction": 0.5, "params": 10}}, "exactly one of"),
-    ({"method": "magnitude", "granularities": ["layers"], "target": {"fraction": 0.5}}, "learned only"),
 ])
 def test_bad_config_exit_2(tmp_path, bert4_dir, data_dir, capsys, prune, message):
     cfg = _write(tmp_path, bert4_dir, data_dir, [FINETUNE, {"type": "prune", **prune}])

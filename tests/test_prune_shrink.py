@@ -14,6 +14,7 @@ from torch import nn
 
 from compress.errors import InputError
 from compress.models import get_adapter
+from compress.prune import reload
 from compress.prune.apply import MaskSet, apply_masks
 from compress.prune.plan import KeepPlan
 from compress.prune.shrink import check_plan, layer_sizes, shrink
@@ -147,6 +148,35 @@ def test_pruning_a_pruned_model_again() -> None:
     inputs = _inputs("roberta")
     torch.testing.assert_close(_out(twice, inputs), _out(shrink(model, direct), inputs), atol=1e-6, rtol=1e-5)
     assert twice.config.compress_pruning["heads"] == [2, 0, 4]
+
+
+@pytest.mark.parametrize("first_hidden", [24, 16], ids=["pruned-type", "plain-bert"])
+def test_shrinking_a_reloaded_pruned_bert_reads_its_head_size(tmp_path: Path, first_hidden: int) -> None:
+    """A pruned BERT saved and reloaded (a compress pruned type when 2 heads x 8 != hidden 24; a plain BERT when the
+    hidden size is 16 = 2 x 8) is pruned again: the head size stays 8 (not hidden / heads) and the result computes
+    what the masked reloaded model computes."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = _build("bert")
+    a = get_adapter(model)
+    assert (a.hidden_size, a.num_heads, a.head_dim) == (32, 4, 8)
+    once = shrink(model, KeepPlan(heads={0: [0, 1], 1: [1, 2], 2: [0, 3]}, hidden=list(range(first_hidden))))
+    once.save_pretrained(tmp_path)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert get_adapter(reloaded).head_dim == 8 and get_adapter(reloaded).hidden_size == first_hidden
+    assert reload.is_pruned_type(reloaded.config) == (first_hidden != 16)
+    plan = KeepPlan(heads={0: [1], 1: [0, 1], 2: [0]}, hidden=list(range(0, first_hidden, 2)))
+    twice = shrink(reloaded, plan)
+    assert get_adapter(twice).head_dim == 8
+    assert [s["heads"] for s in layer_sizes(twice)] == [1, 2, 1]
+    inputs = _inputs("bert")
+    with apply_masks(reloaded, MaskSet.from_plan(reloaded, plan)):
+        masked = _out(reloaded, inputs)
+    torch.testing.assert_close(_out(twice, inputs), masked, atol=1e-5, rtol=1e-4)
+    twice.save_pretrained(tmp_path / "twice")
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "twice").eval()
+    assert reload.is_pruned_type(again.config) and get_adapter(again).head_dim == 8
+    torch.testing.assert_close(_out(again, inputs), masked, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("plan,message", [

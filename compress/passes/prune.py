@@ -1,8 +1,8 @@
 """prune: structured pruning to a parameter, fraction or latency target, physically (a smaller model that
 reloads), one-shot by importance or with learned hard-concrete masks.
 
-- `method: magnitude | taylor | activation`: score heads, FFN neurons and hidden channels once
-  (compress.prune.importance) and keep the best share that meets the target (bisection over the keep ratio).
+- `method: magnitude | taylor | activation`: score heads, FFN neurons and hidden channels once (whole layers by
+  block importance on calibration batches) (compress.prune.importance) and keep the best share that meets the target (bisection over the keep ratio).
 - `method: learned` (CoFi / DPHuBERT): hard-concrete gates over the granularities, trained jointly with
   distillation from the teacher (DistillObjective, dynamic layer map by default) and the Lagrangian
   sparsity constraint, the target ramping up from 0, with the shared trainer (compress.prune.masks); then the
@@ -73,7 +73,7 @@ class PruneConfig(ObjectiveConfig, TeacherConfig, TrainConfig):
     granularities: list[Granularity] = Field(
         default_factory=lambda: ["heads", "ffn"], min_length=1,
         description="What may be removed: attention heads (GQA: whole kv groups), FFN neurons, whole layers "
-        "(learned only), hidden channels, vocabulary (trimmed to the tokens of data.train).")
+        "(one-shot: by block importance on calibration data; learned: layer gates), hidden channels, vocabulary (trimmed to the tokens of data.train).")
     target: PruneTarget = Field(description="How small the pruned model must be: params, fraction or latency_ms.")
     scope: Literal["global", "layer"] = Field("global", description="Importance methods: rank units across layers "
                                               "(global) or keep the same share in every layer (layer).")
@@ -122,8 +122,8 @@ class Prune(Pass):
         cfg: PruneConfig = self.config  # type: ignore[assignment]
         task = get_task(run.model.task)
         grans = set(cfg.granularities)
-        if cfg.method != "learned" and "layers" in grans:
-            return "granularities: 'layers' is learned only (method: learned); one-shot methods prune heads, ffn, hidden"
+        if cfg.method != "learned" and "layers" in grans and run.data.calibration is None and run.data.train is None:
+            return "granularities: 'layers' scores layers on data.calibration (or data.train); add one"
         if grans == {"vocab"} and cfg.method == "learned":
             return "granularities: learned masks need heads, ffn, layers or hidden besides vocab"
         if "vocab" in grans and (task.modality != "text" or task.labels == "next-token"):
@@ -179,8 +179,11 @@ class Prune(Pass):
         elif cfg.target.fraction is not None:
             target_params = int(cfg.target.fraction * before)
         if cfg.method != "learned" or cfg.target.latency_ms is not None:
-            scores = self._scores(model, pre, "magnitude" if cfg.method == "learned" else cfg.method, ctx)
-        importance_grans = [g for g in structural if g != "layers"]
+            scores = self._scores(model, pre, "magnitude" if cfg.method == "learned" else cfg.method, ctx,
+                                  layers=cfg.method != "learned" and "layers" in structural)
+        # one-shot methods drop whole layers by block importance; learned masks learn them (their latency plan
+        # keeps every layer)
+        importance_grans = [g for g in structural if g != "layers" or cfg.method != "learned"]
         if cfg.target.latency_ms is not None:
             plan = self._plan_for_latency(model, scores, importance_grans, kept_vocab, ctx)
             target_params = count_params(model, plan) if plan is not None else before
@@ -239,18 +242,18 @@ class Prune(Pass):
         if "layers" in structural and ad.num_layers < 2:
             raise InputError(f"{where}: the model has one layer; remove 'layers'")
 
-    def _scores(self, model: torch.nn.Module, pre: Any, method: str, ctx: PassContext) -> Any:
+    def _scores(self, model: torch.nn.Module, pre: Any, method: str, ctx: PassContext, *, layers: bool = False) -> Any:
         from compress.prune.importance import score_units
 
         cfg: PruneConfig = self.config  # type: ignore[assignment]
         batches = None
-        if method != "magnitude":
+        if method != "magnitude" or layers:
             split = first_split(ctx, "calibration", "train")
             batches = list(task_batches(ctx, split, pre, batch_size=16, limit=cfg.calibration_examples,
                                         max_length=cfg.max_length, model=model))
-            if method == "activation":
+            if method != "taylor":  # taylor's loss needs the labels
                 batches = [model_inputs(b) for b in batches]
-        return score_units(model, method, batches)
+        return score_units(model, method, batches, layers=layers)
 
     def _latency(self, model: torch.nn.Module, ctx: PassContext, name: str) -> float:
         from compress.onnx.export import export_onnx

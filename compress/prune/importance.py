@@ -49,11 +49,13 @@ class Scores:
     ffn: dict[int, torch.Tensor] = field(default_factory=dict)
     hidden: torch.Tensor | None = None
     method: str = ""
+    layers: torch.Tensor | None = None  # one per layer (block importance), when asked for
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "heads": {str(k): v.tolist() for k, v in self.heads.items()},
                 "ffn": {str(k): v.tolist() for k, v in self.ffn.items()},
-                "hidden": None if self.hidden is None else self.hidden.tolist()}
+                "hidden": None if self.hidden is None else self.hidden.tolist(),
+                "layers": None if self.layers is None else self.layers.tolist()}
 
 
 # ---------------------------------------------------------------------------------------------------- counting
@@ -239,16 +241,65 @@ def activation_scores(model: nn.Module, batches: Iterable[Batch]) -> Scores:
                   hidden=mean.get(("hidden", 0)))
 
 
+def layer_scores(model: nn.Module, batches: Iterable[Batch]) -> torch.Tensor:
+    """Block importance of every layer (ShortGPT; Minitron's depth importance): 1 - the mean cosine similarity
+    between a layer's input and output hidden states over all tokens. A layer that barely changes its input
+    scores near 0 and is the first to go."""
+    adapter = get_adapter(model)
+    n = adapter.num_layers
+    sims = torch.zeros(n, dtype=torch.float64)
+    counts = torch.zeros(n, dtype=torch.float64)
+    inputs: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def first(x: Any) -> torch.Tensor:
+        return x[0] if isinstance(x, (tuple, list)) else x
+
+    for lv in adapter.layers:
+        def pre(m: nn.Module, args: tuple, kwargs: dict, i: int = lv.index) -> None:
+            inputs[i] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+        def post(m: nn.Module, args: tuple, kwargs: dict, out: Any, i: int = lv.index) -> None:
+            x, y = inputs.pop(i).float(), first(out).detach().float()
+            cos = torch.nn.functional.cosine_similarity(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), dim=-1)
+            sims[i] += cos.double().sum().cpu()
+            counts[i] += cos.numel()
+
+        handles.append(lv.module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(lv.module.register_forward_hook(post, with_kwargs=True))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if not counts.all():
+        raise InputError("importance of layers: no batches; give at least one calibration batch")
+    return (1 - sims / counts).float()
+
+
 def score_units(model: nn.Module, method: str, batches: Iterable[Batch] | None = None,
-                loss_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None) -> Scores:
-    """Scores of every head, FFN neuron and hidden channel by `method` (see the module docstring)."""
-    if method == "magnitude":
-        return magnitude_scores(model)
+                loss_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None, *, layers: bool = False) -> Scores:
+    """Scores of every head, FFN neuron and hidden channel by `method` (see the module docstring); with
+    `layers`, also each whole layer's block importance (`layer_scores`, from `batches` whatever the method)."""
     if method not in METHODS:
         raise InputError(f"importance method '{method}': choose one of {', '.join(METHODS)}")
-    if batches is None:
-        raise InputError(f"importance method '{method}' needs calibration batches (data.calibration or data.train)")
-    return taylor_scores(model, batches, loss_fn) if method == "taylor" else activation_scores(model, batches)
+    if batches is not None:
+        batches = list(batches)
+    if (method != "magnitude" or layers) and batches is None:
+        what = f"importance method '{method}'" if method != "magnitude" else "pruning whole layers"
+        raise InputError(f"{what} needs calibration batches (data.calibration or data.train)")
+    if method == "magnitude":
+        scores = magnitude_scores(model)
+    else:
+        scores = taylor_scores(model, batches, loss_fn) if method == "taylor" else activation_scores(model, batches)
+    if layers:
+        scores.layers = layer_scores(model, batches)
+    return scores
 
 
 # ---------------------------------------------------------------------------------------------------- plans
@@ -345,9 +396,11 @@ def plan_at_ratio(model: nn.Module, scores: Scores, ratio: float, *, granulariti
     if "hidden" in grans and scores.hidden is not None:
         n = scores.hidden.numel()
         plan.hidden = _top(scores.hidden, round_up(max(1, round(ratio * n)), n, round_to))
-    if "layers" in grans:
-        raise InputError("prune granularity 'layers' is not scored one-shot; set student layers (distill) or "
-                         "use the learned masks")
+    if "layers" in grans:  # the best round(ratio * n) layers (at least one), by block importance
+        if scores.layers is None:
+            raise InputError("prune granularity 'layers': the scores have no layer importance; score with "
+                             "score_units(..., layers=True) on calibration batches")
+        plan.layers = _top(scores.layers, max(1, round(ratio * scores.layers.numel())))
     del adapter
     return plan
 

@@ -287,6 +287,9 @@ def to_pruned_type(model: "nn.Module", sizes: list[dict[str, int]], *, head_dim:
     if base_cls in _MODELS.values():
         base_cls = base_cls.__mro__[1]
     config.__class__ = _config_class(family)
+    # a config read from a folder carries `model_type` in its instance dict too ("bert"), which would shadow the
+    # pruned class's and send the adapters back to the plain family (head size read as hidden / heads)
+    config.__dict__.pop("model_type", None)
     model.__class__ = _model_class(base_cls, family)
     setattr(config, fields["hidden_size"], hidden)
     setattr(config, fields["num_heads"], max(1, max(s["heads"] for s in sizes)))
