@@ -110,8 +110,6 @@ class QAT(Pass):
             return str(exc).removeprefix("qat.")
         if run.data.train is None:
             return "qat needs data.train"
-        if run.model.task not in ("sequence-classification", "token-classification", "feature-extraction"):
-            return f"model.task '{run.model.task}' is not supported by qat yet (text encoder tasks only)"
         needs = [f for f in ("quantize_activations", "quantize_qk", "quantize_attention_probs") if getattr(cfg, f)]
         if needs and run.data.calibration is None:
             return (f"{needs[0]}: the activation observers are calibrated on data.calibration, which is "
