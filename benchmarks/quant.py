@@ -19,6 +19,8 @@ measured at the end for all models of a student in interleaved rounds (median of
 load from other processes falls on every row alike.
 
     nice -n 10 python benchmarks/quant.py [--layers 3 2] [--eval 3000] [--work DIR] [--cache DIR]
+    python benchmarks/quant.py --work DIR --fusion [--layers N]      # after a run: dynamo vs legacy exporter
+    python benchmarks/quant.py --work DIR --attention [--layers N]   # after a run: attention quantization options
 """
 from __future__ import annotations
 
@@ -88,6 +90,7 @@ class Scorer:
         self.task = get_task(run.model.task)
         teacher = ctx.load_teacher(artifact).eval()
         pre = ctx.load_preprocessor(artifact)
+        self.ctx, self.pre = ctx, pre
         self.batches = list(task_batches(ctx, "eval", pre, batch_size=64, limit=n, model=teacher))
         self.examples = sum(len(next(iter(b.values()))) for b in self.batches)
         if cache.is_file():
@@ -183,6 +186,72 @@ def fusion_table(work: Path, cache: Path, base: dict[str, Any], layers: int, eva
     return 0
 
 
+def attention_table(work: Path, layers: int, eval_n: int, rounds: int) -> int:
+    """QAT's attention quantization options on one distilled student, calibrated only (no QAT steps: what the
+    option costs before training recovers anything): the fake-quant model with Q/DQ on the Linear inputs, plus
+    Q/K^T, plus the probabilities and V; each exported and fused as the qat pass does it. Accuracy, fidelity,
+    parity, what ORT runs (integer vs float MatMuls of the optimised graph) and latency against the same
+    student's fp32 and PTQ dynamic files, interleaved rounds."""
+    from compress.config import load_config
+    from compress.models.loading import load_model
+    from compress.onnx.runtime import measure_latency, onnx_size_mb
+    from compress.passes.common import model_inputs, task_batches
+    from compress.pipeline import Pipeline
+    from compress.quant.export import INT8_MATMUL_OPS, export_qat_fused, float_matmuls_behind_qdq, optimized_op_counts
+    from compress.quant.fake import QuantSpec, calibrate, insert_fake_quant
+    from compress.tasks import get_task
+
+    cfg_path = work / f"L{layers}-ptq.yaml"
+    if not cfg_path.is_file():
+        print(f"{cfg_path} missing: run the main benchmark first", file=sys.stderr)
+        return 2
+    run = load_config(cfg_path)
+    art = Pipeline(run, progress=False).run().artifact  # all cached
+    scorer = Scorer(load_config(work / "score.yaml"), art, eval_n, work / "teacher-logits.pt")
+    task = run.model.task
+    folder = work / f"attention-L{layers}"
+    folder.mkdir(exist_ok=True)
+    paths = {"fp32": work / f"L{layers}-ptq" / "student.onnx",
+             "PTQ dynamic": work / f"L{layers}-ptq" / "student.int8-dynamic.onnx"}
+    info: dict[str, str] = {}
+    for label, qk, probs in (("QAT graph, Linear inputs", False, False), ("+ Q, K^T", True, False),
+                             ("+ Q, K^T, probs, V", True, True)):
+        model = load_model(str(art.model_dir), task).eval()
+        insert_fake_quant(model, QuantSpec(attention_qk=qk, attention_probs=probs))
+        calib = (model_inputs(b) for b in task_batches(scorer.ctx, "calibration", scorer.pre, batch_size=32,
+                                                       limit=128, model=model))
+        calibrate(model, calib)
+        example = {k: v[:2, :16] for k, v in model_inputs(scorer.batches[0]).items()}
+        path = folder / f"qk{int(qk)}-p{int(probs)}.onnx"
+        res = export_qat_fused(model, example, model_inputs(scorer.batches[1]), path, task=task)
+        counts = optimized_op_counts(path, folder / f"{path.stem}.opt.onnx", threads=run.target.threads)
+        int8 = sum(counts.get(op, 0) for op in INT8_MATMUL_OPS)
+        flt = counts.get("MatMul", 0) + counts.get("FusedMatMul", 0)
+        behind = len(float_matmuls_behind_qdq(folder / f"{path.stem}.opt.onnx"))
+        info[label] = (f"parity max abs {res.parity.max_abs_diff:.3g}, cos {res.parity.cosine:.6f}; fused "
+                       f"{res.fused}; ORT: {int8} int8 MatMul/Gemm, {flt} float MatMul, {behind} float behind Q/DQ")
+        paths[label] = path
+    t = run.target
+    model_cfg = load_model(str(art.model_dir), task).config
+    lat_in = get_task(task).synthetic_inputs(model_cfg, batch_size=t.batch_size, seq_len=t.seq_len)
+    p50s: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(rounds):
+        for k, pth in paths.items():
+            p50s[k].append(measure_latency(pth, lat_in, provider=t.provider, threads=t.threads, warmup=5, runs=40)["p50_ms"])
+    dyn = statistics.median(p50s["PTQ dynamic"])
+    print(f"\nAttention quantization, {layers}-layer student, calibrated on 128 tweets, no QAT steps; "
+          f"{scorer.examples} eval tweets; ORT p50 batch {t.batch_size}, seq {t.seq_len}, {t.threads} threads, "
+          f"median of {rounds} interleaved rounds\n")
+    print("| graph | accuracy | fidelity | size MB | p50 ms | p50 / PTQ dynamic | notes |")
+    print("|---|---|---|---|---|---|---|")
+    for k, pth in paths.items():
+        s = scorer.score(pth)
+        p50 = statistics.median(p50s[k])
+        print(f"| {k} | {s['quality']:.4f} | {s['fidelity']:.4f} | {onnx_size_mb(pth):.1f} | {p50:.2f} | "
+              f"{p50 / dyn:.2f} | {info.get(k, '')} |")
+    return 0
+
+
 def main() -> int:
     from compress.config import load_config
     from compress.onnx.runtime import measure_latency, onnx_size_mb
@@ -208,6 +277,9 @@ def main() -> int:
     ap.add_argument("--fusion", action="store_true",
                     help="after a run in --work: the dynamo vs legacy exporter table (attention fusion) for the "
                     "first of --layers")
+    ap.add_argument("--attention", action="store_true",
+                    help="after a run in --work: QAT's attention quantization options (Q/K, probabilities) on the "
+                    "first of --layers, calibrated only: quality, ORT's integer kernels, latency")
     args = ap.parse_args()
 
     work = Path(args.work or tempfile.mkdtemp(prefix="quant-bench-")).resolve()
@@ -220,6 +292,8 @@ def main() -> int:
     score_dict["data"]["eval"]["limit"] = max(args.eval, base["data"]["eval"].get("limit", 0))
     score_dict.update(passes=[{"type": "export"}], output=str(work / "score"))
     (work / "score.yaml").write_text(yaml.safe_dump(score_dict, sort_keys=False))
+    if args.attention:
+        return attention_table(work, args.layers[0], args.eval, args.latency_rounds)
     if args.fusion:
         return fusion_table(work, cache, base, args.layers[0], args.eval, args.latency_rounds)
     qat = {"type": "qat", "epochs": args.qat_epochs, "lr": args.qat_lr, "batch_size": 32,

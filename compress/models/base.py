@@ -71,6 +71,9 @@ from compress.errors import CompressError, InputError
 log = logging.getLogger(__name__)
 
 QKV = Literal["q", "k", "v"]
+# attention implementations that return the probabilities (the capture keeps them; others switch to eager);
+# compress.quant.fake adds its quantized attention
+PROBS_ATTENTION: set[str] = {"eager"}
 LOGICAL_FIELDS = (
     "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "hidden_size", "head_dim", "vocab_size",
 )
@@ -501,7 +504,7 @@ class ModelAdapter:
             if not layers:
                 raise InputError(f"{self._describe()}: the model has no layers to capture")
             handles.append(layers[0].module.register_forward_pre_hook(start_hook, with_kwargs=True))
-            if attentions:
+            if attentions and getattr(self.config, "_attn_implementation", None) not in PROBS_ATTENTION:
                 previous_attn = _set_attn_implementation(self.model, "eager")
             for lv in layers:
                 i, att = lv.index, lv.attention

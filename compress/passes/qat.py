@@ -56,6 +56,12 @@ class QATConfig(ObjectiveConfig, TeacherConfig, TrainConfig):
     quantize_activations: bool = Field(True, description="Fake-quantize the input of every Linear (static uint8); False: weight-only QAT.")
     quantize_head: bool = Field(True, description="Also quantize the Linear layers outside the transformer layers (pooler, classifier).")
     quantize_embeddings: bool = Field(True, description="Also store the embedding tables as int8 (per row).")
+    quantize_qk: bool = Field(
+        False, description="Also fake-quantize Q and K^T, the inputs of attention's score MatMul (uint8 per tensor; "
+        "ORT then runs QK^T on an integer kernel). Needs data.calibration.")
+    quantize_attention_probs: bool = Field(
+        False, description="Also fake-quantize the attention probabilities and V, the inputs of the context MatMul "
+        "(ORT runs P x V as QLinearMatMul). Needs data.calibration.")
     dropout: bool = Field(
         False, description="Keep the model's dropout while training. Off by default: QAT nudges a trained model "
         "towards its quantized self, and the attention maps the KD terms compare are taken after dropout (dropped "
@@ -78,7 +84,8 @@ class QATConfig(ObjectiveConfig, TeacherConfig, TrainConfig):
 
         return QuantSpec(weight_bits=self.weight_bits, activation_bits=self.activation_bits,
                          reduce_range=self.reduce_range, lsq=self.lsq, quantize_activations=self.quantize_activations,
-                         head=self.quantize_head, embeddings=self.quantize_embeddings)
+                         head=self.quantize_head, embeddings=self.quantize_embeddings,
+                         attention_qk=self.quantize_qk, attention_probs=self.quantize_attention_probs)
 
 
 @register
@@ -87,7 +94,7 @@ class QAT(Pass):
 
     type = "qat"
     Config = QATConfig
-    version = "2"  # 2: pooler/classifier Gemm biases split off (QGemm), the int8 graph fused by ORT's optimizer
+    version = "3"  # 2: pooler/classifier Gemm biases split off (QGemm), the int8 graph fused by ORT's optimizer; 3: attention quantization options
     uses_data = ("train", "calibration", "eval")
     consumes = (Kind.TORCH_STUDENT, Kind.TEACHER)
     produces = (Kind.ONNX, Kind.ONNX_QUANTIZED)
@@ -103,11 +110,10 @@ class QAT(Pass):
             return str(exc).removeprefix("qat.")
         if run.data.train is None:
             return "qat needs data.train"
-        if cfg.quantize_activations and run.data.calibration is None:
-            return ("quantize_activations: the activation observers are calibrated on data.calibration, which is "
-                    "missing; add data.calibration (or set quantize_activations: false)")
-        if run.model.task not in ("sequence-classification", "token-classification", "feature-extraction"):
-            return f"model.task '{run.model.task}' is not supported by qat yet (text encoder tasks only)"
+        needs = [f for f in ("quantize_activations", "quantize_qk", "quantize_attention_probs") if getattr(cfg, f)]
+        if needs and run.data.calibration is None:
+            return (f"{needs[0]}: the activation observers are calibrated on data.calibration, which is "
+                    f"missing; add data.calibration (or set {needs[0]}: false)")
         return None
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
@@ -142,7 +148,7 @@ class QAT(Pass):
         max_length = cfg.max_length
 
         calibrated = 0
-        if cfg.quantize_activations:
+        if cfg.quantize_activations or cfg.quantize_qk or cfg.quantize_attention_probs:
             calib = (({k: v.to(ctx.device) for k, v in model_inputs(b).items()})
                      for b in task_batches(ctx, "calibration", pre, batch_size=cfg.batch_size,
                                            limit=cfg.calibration_examples, max_length=max_length, model=teacher))
@@ -179,11 +185,10 @@ class QAT(Pass):
 
     def _export(self, student: torch.nn.Module, artifact: Artifact, ctx: PassContext, pre: Any) -> Artifact:
         """int8 QDQ ONNX of the fake-quant student, parity against it, and the student folder."""
-        from compress.onnx.parity import check_parity
         from compress.onnx.runtime import onnx_size_mb
-        from compress.passes.export import FUSION_MODEL_TYPES, sample_inputs
+        from compress.passes.export import sample_inputs
         from compress.quant import fake
-        from compress.quant.export import export_qat_onnx, float_weights
+        from compress.quant.export import export_qat_fused, float_weights
         from compress.onnx.runtime import load_model
 
         cfg: QATConfig = self.config  # type: ignore[assignment]
@@ -192,24 +197,11 @@ class QAT(Pass):
         check = sample_inputs(ctx, student, pre, cfg.parity_examples, max_length=ctx.run.model.max_length)
         path = ctx.out_dir / "student.int8-qat.onnx"
         with ctx.progress.task(f"{ctx.label}: int8 export", total=None):
-            changes = export_qat_onnx(student, example, path, task=task, opset=cfg.opset)
-        parity = check_parity(student, path, check, task=task, atol=cfg.atol, min_cosine=cfg.min_cosine)
-        fused = False
-        mtype = FUSION_MODEL_TYPES.get(getattr(student.config, "model_type", ""))
-        if cfg.optimize and mtype and parity.ok:  # SkipLayerNorm / BiasGelu take the bias adds in (kept if parity holds)
-            from compress.models import get_adapter
-            from compress.onnx.export import optimize_onnx
-
-            ad = get_adapter(student)
-            tmp = ctx.out_dir / "student.int8-qat.fused.onnx"
-            if optimize_onnx(path, tmp, model_type=mtype, num_heads=ad.num_heads, hidden_size=ad.hidden_size):
-                p2 = check_parity(student, tmp, check, task=task, atol=cfg.atol, min_cosine=cfg.min_cosine)
-                if p2.ok:
-                    tmp.replace(path)
-                    parity, fused = p2, True
-                else:
-                    tmp.unlink()
-                    ctx.event("fusion_rejected", max_abs_diff=p2.max_abs_diff, cosine=p2.cosine)
+            res = export_qat_fused(student, example, check, path, task=task, opset=cfg.opset, atol=cfg.atol,
+                                   min_cosine=cfg.min_cosine, optimize=cfg.optimize)
+        parity, fused, changes = res.parity, res.fused, res.changes
+        if res.rejected is not None:
+            ctx.event("fusion_rejected", max_abs_diff=res.rejected.max_abs_diff, cosine=res.rejected.cosine)
         left = float_weights(load_model(path))
         ctx.metrics.update(parity_max_abs_diff=parity.max_abs_diff, parity_cosine=parity.cosine, fused=fused,
                            size_mb=onnx_size_mb(path), float_weights_left=len(left), **changes)

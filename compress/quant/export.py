@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +213,41 @@ def float_matmuls_behind_qdq(path: Path) -> list[str]:
             if any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input):
                 bad.append(n.name or n.output[0])
     return bad
+
+
+@dataclass
+class FusedExport:
+    parity: Any  # compress.onnx.parity.ParityResult of the file written
+    fused: bool  # ORT's transformer optimizer fused the graph (and parity held after it)
+    changes: dict[str, int]  # place_qdq's counts
+    rejected: Any = None  # the parity of a fused graph that failed it (the unfused one was kept)
+
+
+def export_qat_fused(model: nn.Module, example_inputs: dict[str, Any], check_inputs: dict[str, Any], path: Path, *,
+                     task: str, opset: int = 18, atol: float = 0.05, min_cosine: float = 0.999,
+                     optimize: bool = True) -> FusedExport:
+    """`export_qat_onnx`, parity of ORT's int8 output against the fake-quant `model` on `check_inputs`, then (with
+    `optimize`, for the families ORT's transformer optimizer knows) the fused graph (SkipLayerNorm / BiasGelu take
+    the bias adds in), kept only if parity still holds. The qat pass and benchmarks/quant.py both export so."""
+    from compress.models import get_adapter
+    from compress.onnx.export import optimize_onnx
+    from compress.onnx.parity import check_parity
+    from compress.passes.export import FUSION_MODEL_TYPES
+
+    path = Path(path)
+    changes = export_qat_onnx(model, example_inputs, path, task=task, opset=opset)
+    parity = check_parity(model, path, check_inputs, task=task, atol=atol, min_cosine=min_cosine)
+    mtype = FUSION_MODEL_TYPES.get(getattr(getattr(model, "config", None), "model_type", ""))
+    out = FusedExport(parity, False, changes)
+    if optimize and mtype and parity.ok:
+        ad = get_adapter(model)
+        tmp = path.with_name(path.stem + ".fused.onnx")
+        if optimize_onnx(path, tmp, model_type=mtype, num_heads=ad.num_heads, hidden_size=ad.hidden_size):
+            p2 = check_parity(model, tmp, check_inputs, task=task, atol=atol, min_cosine=min_cosine)
+            if p2.ok:
+                tmp.replace(path)
+                out.parity, out.fused = p2, True
+            else:
+                tmp.unlink()
+                out.rejected = p2
+    return out

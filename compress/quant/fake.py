@@ -43,6 +43,12 @@ class QuantSpec:
     quantize_activations: bool = True
     head: bool = True  # also the Linear layers outside the transformer layers (pooler, classifier)
     embeddings: bool = True  # embedding tables int8 per row (Gather of int8 rows, times the row's scale)
+    attention_qk: bool = False  # also Q and K^T, the inputs of the attention scores' MatMul (uint8 per tensor)
+    attention_probs: bool = False  # also the attention probabilities and V, the inputs of the P x V MatMul
+
+    @property
+    def attention(self) -> bool:
+        return self.attention_qk or self.attention_probs
 
     def check(self, where: str = "qat") -> None:
         """InputError (exit 2) for a bit width the ONNX export cannot hold."""
@@ -192,6 +198,92 @@ class QuantLinear(nn.Module):
         return nn.functional.linear(x, fake_quant_weight(self.linear.weight, self.qmax), self.linear.bias)
 
 
+ATTENTION_IMPL = "compress_qat"  # the attention function registered with transformers (see `quantized_attention`)
+
+
+class AttentionQuant(nn.Module):
+    """Activation fake quantization of one attention module's two activation x activation MatMuls: `q` and `k`
+    on Q and K^T (the scores), `p` and `v` on the probabilities and V (the context). It is attached to the module
+    that calls transformers' attention function (the owner of the q projection) as `qat_attention`, and read by
+    `quantized_attention`."""
+
+    def __init__(self, qmax: int, lsq: bool, qk: bool, probs: bool):
+        super().__init__()
+        self.q = ActQuant(qmax, lsq) if qk else None
+        self.k = ActQuant(qmax, lsq) if qk else None
+        self.p = ActQuant(qmax, lsq) if probs else None
+        self.v = ActQuant(qmax, lsq) if probs else None
+        self.previous_impl: str | None = None  # the model's attention implementation before QAT (restored by strip)
+
+
+def quantized_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                        scaling: float | None = None, dropout: float = 0.0, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    """transformers' eager attention (scores, additive mask, softmax, dropout, context; GQA's kv heads repeated)
+    with the fake quantization of `module.qat_attention` on the MatMul inputs. K is quantized after its transpose
+    (per-tensor quantization commutes with it) so that each QuantizeLinear / DequantizeLinear pair feeds its MatMul
+    directly. The probabilities returned (what the distillation's attention KL reads) are the float ones: the
+    quantized ones hold exact zeros (every probability under half a step), whose log the KL cannot take."""
+    aq = getattr(module, "qat_attention", None)
+    groups = int(getattr(module, "num_key_value_groups", 1) or 1)
+    if groups > 1:  # GQA: every query head reads its kv head
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    kt = key.transpose(2, 3)
+    if aq is not None and aq.q is not None:
+        query, kt = aq.q(query), aq.k(kt)
+    scores = torch.matmul(query, kt) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    p_in = probs
+    if aq is not None and aq.p is not None:
+        p_in, value = aq.p(probs), aq.v(value)
+    out = torch.matmul(p_in, value).transpose(1, 2).contiguous()
+    return out, probs
+
+
+def _register_attention() -> None:
+    """Register `quantized_attention` (and the eager additive mask for it) with transformers, once."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from compress.models.base import PROBS_ATTENTION
+
+    if ATTENTION_IMPL not in ALL_ATTENTION_FUNCTIONS._global_mapping:
+        ALL_ATTENTION_FUNCTIONS.register(ATTENTION_IMPL, quantized_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_IMPL, eager_mask)
+    PROBS_ATTENTION.add(ATTENTION_IMPL)  # it returns the probabilities: the adapter's capture keeps it
+
+
+def insert_attention_quant(model: nn.Module, spec: QuantSpec) -> list[str]:
+    """Attach an `AttentionQuant` to the attention module of every layer the adapter knows (the module holding the
+    q projection, which is what transformers passes to its attention function) and switch the model to
+    `quantized_attention`. Returns the names of the modules it was attached to."""
+    from compress.models import get_adapter
+    from compress.models.base import _set_attn_implementation
+
+    _register_attention()
+    ad = get_adapter(model)
+    parent = {id(c): (name, m) for name, m in model.named_modules() for c in m.children()}
+    names = []
+    for lv in ad.layers:
+        if lv.attention.fused_qkv:
+            raise InputError("qat.quantize_qk / quantize_attention_probs: fused q/k/v projections (GPT-2) are not "
+                             "supported; turn them off")
+        name, owner = parent[id(lv.attention.q)]
+        owner.qat_attention = AttentionQuant(spec.act_qmax, spec.lsq, spec.attention_qk, spec.attention_probs)
+        names.append(f"{name}.qat_attention")
+    previous = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    _set_attn_implementation(model, ATTENTION_IMPL)
+    for m in model.modules():
+        if isinstance(m, AttentionQuant):
+            m.previous_impl = previous
+    return names
+
+
 class QuantEmbedding(nn.Module):
     """An `nn.Embedding` whose table is fake-quantized symmetric int8 per row (per token). Exported as a Gather
     of the int8 table and a Mul by the gathered row scales: the file holds int8 rows, and ORT dequantizes only
@@ -247,8 +339,10 @@ def insert_fake_quant(model: nn.Module, spec: QuantSpec) -> list[str]:
     """Replace every adapter-known Linear of `model` (in place) by a `QuantLinear`; returns their names."""
     spec.check()
     names = list(quantizable_linears(model, head=spec.head))
+    attention = insert_attention_quant(model, spec) if spec.attention else []  # finds owners by the plain q's identity
     for name in names:
         _swap(model, name, QuantLinear(getattr_path(model, name), spec))
+    names += attention
     if spec.embeddings:
         from compress.models import get_adapter
 
@@ -338,6 +432,16 @@ def export_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 def strip_fake_quant(model: nn.Module) -> nn.Module:
     """Put the plain Linear layers back (in place): the float model with the QAT-trained weights."""
+    previous: list[str | None] = []
+    for m in list(model.modules()):
+        aq = getattr(m, "qat_attention", None)
+        if isinstance(aq, AttentionQuant):
+            previous.append(aq.previous_impl)
+            del m.qat_attention
+    if previous and getattr(model, "config", None) is not None:
+        from compress.models.base import _set_attn_implementation
+
+        _set_attn_implementation(model, previous[0] or "eager")
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantLinear):
             _swap(model, name, m.linear)
@@ -353,4 +457,10 @@ def quant_state(model: nn.Module) -> dict[str, Any]:
         if m.act is not None:
             out[name] = {"scale": m.act.qparams()[0], "zero_point": m.act.qparams()[1],
                          "qmax": m.act.qmax}
+    for name, m in model.named_modules():
+        if isinstance(m, AttentionQuant):
+            for part in ("q", "k", "p", "v"):
+                aq = getattr(m, part)
+                if aq is not None:
+                    out[f"{name}.{part}"] = {"scale": aq.qparams()[0], "zero_point": aq.qparams()[1], "qmax": aq.qmax}
     return out
