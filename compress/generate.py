@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from compress.errors import InputError
-from compress.onnx.decoder import CacheLayout, is_cache_graph, read_layout
+from compress.onnx.cache import CacheLayout, is_cache_graph, read_layout
 
 
 class OnnxDecoder:

@@ -253,7 +253,7 @@ def prepare_feed(inputs: Mapping[str, Any], specs: Mapping[str, tuple[np.dtype |
 
 
 def _decoder_default(name: str, inputs: Mapping[str, Any], shape: list[Any], dtype: np.dtype | None) -> np.ndarray | None:
-    from compress.onnx.decoder import default_input
+    from compress.onnx.cache import default_input
 
     return default_input(name, inputs, shape, dtype)
 
