@@ -215,7 +215,10 @@ def test_latency_model_fits_and_reports_its_error():
     assert err["measured"] == 6 and err["loo_points"] == 6 and err["loo_mean_abs_rel_error"] < 0.01
     few = LatencyModel(head_dim=8, seq_len=16, batch=1, min_points=4)
     few.add(shapes[0], 1.0, None)
-    assert few.error() == {"checked": 0, "measured": 1, "coef": None}
+    assert few.error() == {"checked": 0, "measured": 1, "noisy_skipped": 0, "coef": None}
+    # a measurement taken under load (the load guard's verdict) is neither fitted nor checked
+    lm.add(dict(layers=4, hidden=32, heads=4, kv_heads=4, ffn=64), 50.0, lm.predict(shapes[0]), noisy=True)
+    assert lm.error()["checked"] == 2 and lm.error()["measured"] == 6 and lm.error()["noisy_skipped"] == 1
 
 
 def test_latency_cache_persists_and_keys_on_target(tmp_path):

@@ -188,7 +188,7 @@ class Search(Pass):
             else:
                 trial.cached = True
             if lat_model is not None:
-                lat_model.add(shape_d, measured["p50_ms"], predicted)
+                lat_model.add(shape_d, measured["p50_ms"], predicted, noisy=bool(measured.get("noisy")))
             trial.latency_ms, trial.size_mb = measured["p50_ms"], measured["int8_mb"]
             note("max_latency_ms", trial.latency_ms)
             note("max_size_mb", trial.size_mb)
@@ -254,7 +254,8 @@ class Search(Pass):
                 parts.append(f"leave-one-out {lat_err['loo_mean_abs_rel_error']:.0%} over {lat_err['loo_points']} "
                              "measured shapes")
             why += "; latency model: " + (", ".join(parts) if parts else
-                                          f"not checked ({lat_err['measured']} shapes measured, too few to fit)")
+                                          f"not checked ({lat_err['measured']} clean measurements, too few to fit; "
+                                          f"{lat_err['noisy_skipped']} noisy ones left out)")
         if cfg.latency_guard:
             why += (f"; load guard: {len(noisy)} of {cache.misses} measurements noisy (not cached), "
                     f"{cache.stale} stale cache entries measured again")

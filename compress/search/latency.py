@@ -290,6 +290,7 @@ class LatencyModel:
     ys: list[float] = field(default_factory=list)
     coef: np.ndarray | None = None
     checks: list[tuple[float, float]] = field(default_factory=list)  # (predicted, measured) made before measuring
+    skipped: int = 0  # noisy measurements left out of the fit
 
     def _x(self, shape: dict[str, Any]) -> list[float]:
         return features(shape, self.head_dim, self.seq_len, self.batch)
@@ -299,7 +300,13 @@ class LatencyModel:
             return None
         return float(np.dot(self._x(shape), self.coef))
 
-    def add(self, shape: dict[str, Any], measured_ms: float, predicted_ms: float | None) -> None:
+    def add(self, shape: dict[str, Any], measured_ms: float, predicted_ms: float | None, noisy: bool = False) -> None:
+        """A measurement (and the prediction made before it). A noisy one (taken under load, see the load guard)
+        is neither fitted nor checked: on a busy host one loaded point skewed the fit so far that it rejected half
+        of the space by prediction (docs/search.md)."""
+        if noisy:
+            self.skipped += 1
+            return
         if predicted_ms is not None:
             self.checks.append((predicted_ms, measured_ms))
         x = self._x(shape)
@@ -317,7 +324,7 @@ class LatencyModel:
         """How well the model predicts: `checked`, mean and max |pred - meas| / meas of the predictions made
         before measuring (the ones the search acted on), and `loo_*`: the same over every measured shape, each
         predicted by a fit on all the others (leave-one-out; needs more points than regressors)."""
-        out: dict[str, Any] = {"checked": 0, "measured": len(self.ys)}
+        out: dict[str, Any] = {"checked": 0, "measured": len(self.ys), "noisy_skipped": self.skipped}
         rel = [abs(p - m) / m for p, m in self.checks if m > 0]
         if rel:
             out.update(checked=len(rel), mean_abs_rel_error=float(np.mean(rel)), max_abs_rel_error=float(np.max(rel)))
