@@ -197,7 +197,9 @@ def test_remap_ids_for_a_trimmed_vocabulary():
 # ---------------------------------------------------------------------------------------------- latency
 def test_latency_model_fits_and_reports_its_error():
     lm = LatencyModel(head_dim=8, seq_len=16, batch=1, min_points=4)
-    truth = lambda s: 0.05 + 0.01 * s["layers"] * s["ffn"] / 64  # noqa: E731
+    from compress.search.latency import features
+
+    truth = lambda s: 0.05 + 0.3 * features(s, 8, 16, 1)[1] + 0.1 * s["layers"]  # noqa: E731  (in the model's span)
     shapes = [dict(layers=n, hidden=32, heads=4, kv_heads=4, ffn=f) for n in (1, 2, 3) for f in (32, 64)]
     for s in shapes[:4]:
         assert lm.predict(s) is None or len(lm.ys) >= 4
@@ -208,6 +210,15 @@ def test_latency_model_fits_and_reports_its_error():
         lm.add(s, truth(s), p)
     err = lm.error()
     assert err["checked"] == 2 and err["mean_abs_rel_error"] < 0.5
+    # leave-one-out over the 6 measured shapes: each predicted from a fit on the 5 others (near zero: the truth
+    # is in the model's span); with too few points there is no loo entry
+    assert err["measured"] == 6 and err["loo_points"] == 6 and err["loo_mean_abs_rel_error"] < 0.01
+    few = LatencyModel(head_dim=8, seq_len=16, batch=1, min_points=4)
+    few.add(shapes[0], 1.0, None)
+    assert few.error() == {"checked": 0, "measured": 1, "noisy_skipped": 0, "coef": None}
+    # a measurement taken under load (the load guard's verdict) is neither fitted nor checked
+    lm.add(dict(layers=4, hidden=32, heads=4, kv_heads=4, ffn=64), 50.0, lm.predict(shapes[0]), noisy=True)
+    assert lm.error()["checked"] == 2 and lm.error()["measured"] == 6 and lm.error()["noisy_skipped"] == 1
 
 
 def test_latency_cache_persists_and_keys_on_target(tmp_path):
@@ -242,7 +253,8 @@ def test_search_then_distill_respects_budgets_and_hits_the_latency_cache(tmp_pat
     one_layer = count_params(model, plan_for(model, Candidate(1, 32, 4, 4, 64), score_units(model, "magnitude")))
     # every 2-layer shape is over the params budget: rejected before it is exported or timed
     search = {"type": "search", "space": SPACE, "max_params": one_layer, "iterations": 10, "algorithm": "random",
-              "batch_size": 8, "measure_runs": 3, "latency_model": False}
+              "batch_size": 8, "measure_runs": 3, "latency_model": False,
+              "latency_tolerance": 100.0}  # the load guard probes, but never rejects: the cache test stays deterministic
     passes = [search, {"type": "distill", "epochs": 1, "batch_size": 16, "lr": 1e-3, "weights": {"hidden": 1.0}}]
     cfg = make_config(tmp_path, teacher, data_dir, passes=passes)
     assert _run(cfg) == 0
@@ -253,6 +265,7 @@ def test_search_then_distill_respects_budgets_and_hits_the_latency_cache(tmp_pat
     assert all(t["latency_ms"] is None for t in trials if t["layers"] == 2)  # rejected before measuring
     assert all(t["params"] <= one_layer and t["layers"] == 1 for t in trials if t["feasible"])
     assert m["chosen_params"] <= one_layer and m["chosen"] in {t["shape"] for t in trials if t["feasible"]}
+    assert m["latency_probe_baseline_ms"] > 0 and m["latency_noisy"] == [] and "load guard: 0 of" in m["why"]
     measured = [t for t in trials if t["latency_ms"] is not None]
     assert m["latency_cache_misses"] == len(measured) and m["latency_cache_hits"] == 0
     assert (tmp_path / "out" / "pareto-search.png").is_file() and f"chose `{m['chosen']}`" in (tmp_path / "out" / "report.md").read_text()
@@ -288,15 +301,19 @@ def test_search_config_errors(tmp_path, tiny_bert_dir, data_dir, capsys):
     assert "hidden 30 is not divisible by heads 4" in capsys.readouterr().err
 
 
-def test_search_with_a_trimmed_vocabulary(tmp_path, data_dir):
+def test_search_with_a_trimmed_vocabulary_then_distill(tmp_path, data_dir):
+    """A trimmed searched student carries the id map (vocab_kept.json) as the prune pass's does, so distill feeds
+    the untrimmed teacher its own ids; the run goes on through export and evaluate."""
     from transformers import AutoTokenizer
 
     from compress.models.loading import load_model
+    from compress.prune.idmap import load_id_map, teacher_ids
 
     teacher = save_tiny_bert(tmp_path / "bert", layers=2, seed=0)
     search = {"type": "search", "space": {"layers": [1], "heads": [2], "ffn": [32], "trim_vocab": [True]},
               "iterations": 1, "batch_size": 8, "measure_runs": 3}
     cfg = make_config(tmp_path, teacher, data_dir, passes=[search])
+    assert _run(cfg, command="validate") == 0  # no longer refused with a distill pass after it (checked below)
     assert _run(cfg) == 0
     m = json.loads((tmp_path / "out" / "report.json").read_text())["passes"][0]["metrics"]
     assert m["chosen"] == "L1-H32-A2-KV2-F32-vocab"
@@ -305,5 +322,25 @@ def test_search_with_a_trimmed_vocabulary(tmp_path, data_dir):
     rows = student.get_input_embeddings().weight.shape[0]
     assert rows < 1000 and m["chosen_params"] == sum(p.numel() for p in student.parameters())
     tok = AutoTokenizer.from_pretrained(folder)
-    ids = tok("good movie today")["input_ids"]
-    assert max(ids) < rows  # the saved tokenizer numbers tokens as the trimmed embedding does
+    id_map = load_id_map(folder)
+    assert id_map is not None and len(id_map) == rows
+    t_tok = AutoTokenizer.from_pretrained(teacher)
+    text = json.loads((data_dir / "train.jsonl").read_text().splitlines()[0])["text"]
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    assert int(ids.max()) < rows  # the saved tokenizer numbers tokens as the trimmed embedding does
+    # a training text maps back to exactly the teacher's own tokenization
+    assert teacher_ids(ids, id_map).tolist() == t_tok(text, return_tensors="pt")["input_ids"].tolist()
+    unk = teacher_ids(torch.tensor([rows - 1]), id_map)  # the extra row (dropped tokens) is the teacher's [UNK]
+    assert int(unk) == t_tok.unk_token_id
+
+    passes = [search, {"type": "distill", "steps": 3, "batch_size": 8, "lr": 1e-3, "weights": {"hidden": 1.0}},
+              {"type": "export"}, {"type": "evaluate", "batch_size": 16}]
+    cfg = make_config(tmp_path, teacher, data_dir, passes=passes)
+    assert _run(cfg) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    d = report["passes"][1]["metrics"]
+    assert d["student_source"] == "artifact" and d["student_params"] == m["chosen_params"]
+    assert all(abs(v) < 1e6 for v in d["loss_curve"])
+    # distill loaded the map (it hands it on only then) and the exported graph takes the trimmed ids
+    assert load_id_map(tmp_path / "out" / "model").tolist() == id_map.tolist()
+    assert report["evaluation"]["teacher"]["accuracy"] is not None

@@ -143,7 +143,7 @@ class Prune(Pass):
     # ------------------------------------------------------------------------------------------------ run
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
-        from compress.models.loading import count_params
+        from compress.prune.importance import count_params  # with a plan: what shrink would leave
         from compress.prune.importance import plan_for_target
         from compress.prune.plan import KeepPlan
         from compress.models import get_adapter
@@ -256,25 +256,12 @@ class Prune(Pass):
         return score_units(model, method, batches, layers=layers)
 
     def _latency(self, model: torch.nn.Module, ctx: PassContext, name: str) -> float:
-        from compress.onnx.export import export_onnx
-        from compress.onnx.quantize import quantize_dynamic_int8
-        from compress.onnx.runtime import measure_latency
-        from compress.tasks import get_task
+        """p50 (ms) of `model`'s ONNX export on the run's target, at `latency_precision` (compress.search.latency)."""
+        from compress.search.latency import measure
 
         cfg: PruneConfig = self.config  # type: ignore[assignment]
-        t = ctx.run.target
-        task = get_task(ctx.run.model.task)
-        inputs = task.synthetic_inputs(model.config, batch_size=t.batch_size, seq_len=t.seq_len,
-                                       image_size=t.image_size)
-        folder = ctx.work_dir / "latency"
-        folder.mkdir(parents=True, exist_ok=True)
-        fp32 = export_onnx(model, {k: torch.from_numpy(v) for k, v in inputs.items()}, folder / f"{name}.onnx",
-                           task=ctx.run.model.task)
-        path = fp32
-        if cfg.latency_precision == "int8":
-            path = quantize_dynamic_int8(fp32, folder / f"{name}.int8.onnx")
-        lat = measure_latency(path, inputs, provider=t.provider, threads=t.threads, warmup=t.warmup, runs=t.runs)
-        return float(lat["p50_ms"])
+        return float(measure(model, ctx.run.model.task, ctx.run.target, ctx.work_dir / "latency" / name,
+                             precision=cfg.latency_precision)["p50_ms"])
 
     def _plan_for_latency(self, model: torch.nn.Module, scores: Any, grans: list[str], kept_vocab: list[int] | None,
                           ctx: PassContext) -> Any:

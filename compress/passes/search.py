@@ -57,6 +57,13 @@ class SearchConfig(PassConfig):
     latency_margin: float = Field(0.5, ge=0, description="Relative margin over the budget before a prediction alone rejects.")
     latency_model_min_points: int = Field(6, ge=3, description="Measurements before the latency model predicts.")
     measure_runs: int | None = Field(None, gt=0, description="Timed runs per candidate (default: target.runs).")
+    latency_guard: bool = Field(True, description="Time a reference graph before and after each measurement; a "
+                                "measurement taken under load (a probe slower than the fastest seen by more than "
+                                "latency_tolerance) is measured again, and if still noisy its fastest run stands in "
+                                "for the p50 in this run and it is never cached (docs/search.md).")
+    latency_tolerance: float = Field(0.5, gt=0, description="Load guard: how much slower than its baseline (the "
+                                     "fastest probe run seen) a probe's p50 may be before the measurement is noisy.")
+    latency_retries: int = Field(2, ge=0, description="Load guard: extra attempts at a noisy measurement.")
     quantize_embeddings: bool | None = Field(None, description="Quantize embedding tables (Gather) too when measuring "
                                              "size and latency (default: as the run's ptq pass does).")
 
@@ -67,7 +74,8 @@ class Search(Pass):
 
     type = "search"
     Config = SearchConfig
-    version = "1"
+    # 2: the load guard (noisy latencies are measured again, never cached); a trimmed student carries vocab_kept.json
+    version = "2"
     uses_data = ("train",)
     uses_target = True
     consumes = (Kind.TEACHER,)
@@ -77,9 +85,6 @@ class Search(Pass):
         cfg: SearchConfig = self.config  # type: ignore[assignment]
         if run.data.train is None:
             return "search needs data.train (the scoring batch)"
-        if cfg.space.trim_vocab and True in cfg.space.trim_vocab and any(p.type == "distill" for p in run.passes):
-            return ("space.trim_vocab: a distill pass after the search would feed the teacher the trimmed tokenizer's "
-                    "ids; search without trimming and trim the vocabulary after distillation")
         return None
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
@@ -88,7 +93,8 @@ class Search(Pass):
         from compress.prune import count_params, score_units
         from compress.search import evolve
         from compress.search.student import build_student, plan_for
-        from compress.search.latency import LatencyCache, LatencyModel, cache_key, measure, toolchain_versions
+        from compress.search.latency import (LatencyCache, LatencyModel, cache_key, export_for_timing, guarded_measure,
+                                             probe, probe_key, time_graph, toolchain_versions)
         from compress.search.score import DisWOT, kd_score, params_score, remap_ids
         from compress.search.space import Space, TeacherShape
 
@@ -125,7 +131,10 @@ class Search(Pass):
         unk = getattr(pre, "unk_token_id", None)
         diswot = DisWOT(teacher, score_batch, task) if cfg.score == "diswot" else None
 
-        cache = LatencyCache(ctx.run.cache_path)
+        cache = LatencyCache(ctx.run.cache_path, tolerance=cfg.latency_tolerance,
+                             probe_key=probe_key(target) if cfg.latency_guard else None)
+        probe_dir = ctx.run.cache_path if ctx.run.cache_path is not None else ctx.work_dir
+        noisy: list[str] = []
         versions = toolchain_versions()
         q_emb = cfg.quantize_embeddings
         if q_emb is None:
@@ -164,12 +173,22 @@ class Search(Pass):
             if measured is None:
                 student, _ = build_student(teacher, cand, scores, layers=cfg.inherit_layers, init=cfg.init,
                                            kept_vocab=kept_vocab, unk_id=unk, seed=seed)
-                measured = measure(student, task, target, ctx.work_dir / "latency" / cand.key(), op_types=op_types)
-                cache.put(key, measured)
+                exported = export_for_timing(student, task, target, ctx.work_dir / "latency" / cand.key(),
+                                             op_types=op_types)  # once: a noisy measurement is timed again only
+                if cfg.latency_guard:
+                    measured = guarded_measure(lambda: time_graph(exported, target), lambda: probe(target, probe_dir),
+                                               cache, retries=cfg.latency_retries)
+                else:
+                    measured = time_graph(exported, target)
+                if measured.get("noisy"):  # measured under load: used in this run, never persisted
+                    trial.noisy = measured["noisy"]
+                    noisy.append(cand.key())
+                else:
+                    cache.put(key, measured)
             else:
                 trial.cached = True
             if lat_model is not None:
-                lat_model.add(shape_d, measured["p50_ms"], predicted)
+                lat_model.add(shape_d, measured["p50_ms"], predicted, noisy=bool(measured.get("noisy")))
             trial.latency_ms, trial.size_mb = measured["p50_ms"], measured["int8_mb"]
             note("max_latency_ms", trial.latency_ms)
             note("max_size_mb", trial.size_mb)
@@ -223,6 +242,23 @@ class Search(Pass):
         why = (f"highest {cfg.score} score ({chosen.score:.4g}: {terms}) of {len(feasible)} shapes meeting {budgets} "
                f"({len(trials)} distinct shapes evaluated, {len(trials) - len(feasible)} rejected); "
                f"p50 {chosen.latency_ms:.3f} ms, int8 {chosen.size_mb:.2f} MB, {chosen.params} params")
+        if chosen.noisy:
+            why += f"; its latency was measured under load ({chosen.noisy}) and not cached"
+        lat_err = lat_model.error() if lat_model is not None else None
+        if lat_err is not None:
+            parts = []
+            if lat_err.get("checked"):
+                parts.append(f"mean error {lat_err['mean_abs_rel_error']:.0%} (max {lat_err['max_abs_rel_error']:.0%}) "
+                             f"over {lat_err['checked']} predictions made before measuring")
+            if lat_err.get("loo_points"):
+                parts.append(f"leave-one-out {lat_err['loo_mean_abs_rel_error']:.0%} over {lat_err['loo_points']} "
+                             "measured shapes")
+            why += "; latency model: " + (", ".join(parts) if parts else
+                                          f"not checked ({lat_err['measured']} clean measurements, too few to fit; "
+                                          f"{lat_err['noisy_skipped']} noisy ones left out)")
+        if cfg.latency_guard:
+            why += (f"; load guard: {len(noisy)} of {cache.misses} measurements noisy (not cached), "
+                    f"{cache.stale} stale cache entries measured again")
         adapter = get_adapter(student)
         ctx.metrics.update(
             chosen=chosen.candidate.key(), why=why, chosen_score=chosen.score, chosen_latency_ms=chosen.latency_ms,
@@ -232,12 +268,17 @@ class Search(Pass):
             student_layers=adapter.num_layers, algorithm=cfg.algorithm, space=space.describe(), space_size=space.size,
             proposals=len(memo.history), evaluated=len(trials), feasible=len(feasible),
             quantize_embeddings=q_emb, latency_cache_hits=cache.hits, latency_cache_misses=cache.misses,
-            latency_model=lat_model.error() if lat_model is not None else None,
+            latency_model=lat_err, latency_noisy=noisy, latency_cache_stale=cache.stale,
+            latency_probe_baseline_ms=cache.baseline(),
             teacher_params=count_params(teacher), budget_latency_ms=cfg.max_latency_ms,
             pareto=[r for r in rows if r["pareto"]], trials=rows,
         )
         ctx.event("search_chosen", shape=chosen.candidate.key(), why=why)
         folder = ctx.save_student(student.cpu(), pre)
+        if kept_vocab is not None and chosen.candidate.trim_vocab:  # distill feeds the teacher its original ids
+            from compress.prune.idmap import save_id_map
+
+            save_id_map(folder, [*kept_vocab, int(unk)])  # student id K (every dropped token) -> the teacher's [UNK]
         return artifact.replace(model_dir=folder)
 
     @staticmethod

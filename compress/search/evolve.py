@@ -33,11 +33,13 @@ class Trial:
     predicted_ms: float | None = None
     size_mb: float | None = None
     cached: bool = False
+    noisy: str | None = None  # the load guard's reason when the latency was measured under load (not cached)
 
     def to_dict(self) -> dict[str, Any]:
         return {"shape": self.candidate.key(), **self.candidate.to_dict(), "feasible": self.feasible,
                 "score": self.score, "terms": dict(self.terms), "reason": self.reason, "params": self.params,
-                "latency_ms": self.latency_ms, "predicted_ms": self.predicted_ms, "size_mb": self.size_mb}
+                "latency_ms": self.latency_ms, "predicted_ms": self.predicted_ms, "size_mb": self.size_mb,
+                "cached": self.cached, "latency_noisy": self.noisy}
 
 
 Evaluate = Callable[[Candidate], Trial]
