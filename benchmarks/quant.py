@@ -114,12 +114,26 @@ class Scorer:
         return {"quality": scores[self.task.metric], "fidelity": scores["fidelity"]}
 
 
+def _cached_ptq_run(work: Path, layers: int, eval_n: int) -> tuple[Any, Any, Any] | None:
+    """The main benchmark's ptq run of the `layers`-layer student (all passes cached), its artifact and the scorer
+    of the shared eval tweets; None (after saying so) when the main benchmark has not run in `work`."""
+    from compress.config import load_config
+    from compress.pipeline import Pipeline
+
+    cfg_path = work / f"L{layers}-ptq.yaml"
+    if not cfg_path.is_file():
+        print(f"{cfg_path} missing: run the main benchmark first", file=sys.stderr)
+        return None
+    run = load_config(cfg_path)
+    art = Pipeline(run, progress=False).run().artifact  # all cached
+    return run, art, Scorer(load_config(work / "score.yaml"), art, eval_n, work / "teacher-logits.pt")
+
+
 def fusion_table(work: Path, cache: Path, base: dict[str, Any], layers: int, eval_n: int, rounds: int) -> int:
     """fp32 and PTQ dynamic int8 of one student exported by the dynamo and by the legacy exporter, each fused
     by ORT's transformer optimizer: which fusions apply, parity, accuracy, latency (interleaved rounds)."""
     import numpy as np
 
-    from compress.config import load_config
     from compress.models import get_adapter
     from compress.models.loading import load_model
     from compress.onnx.export import export_onnx, op_counts, optimize_onnx
@@ -127,16 +141,12 @@ def fusion_table(work: Path, cache: Path, base: dict[str, Any], layers: int, eva
     from compress.onnx.quantize import quantize_dynamic_int8
     from compress.onnx.runtime import make_session, measure_latency, onnx_size_mb, run_session
     from compress.passes.common import model_inputs
-    from compress.pipeline import Pipeline
     from compress.tasks import get_task
 
-    cfg_path = work / f"L{layers}-ptq.yaml"
-    if not cfg_path.is_file():
-        print(f"{cfg_path} missing: run the main benchmark first", file=sys.stderr)
+    cached = _cached_ptq_run(work, layers, eval_n)
+    if cached is None:
         return 2
-    run = load_config(cfg_path)
-    art = Pipeline(run, progress=False).run().artifact  # all cached
-    scorer = Scorer(load_config(work / "score.yaml"), art, eval_n, work / "teacher-logits.pt")
+    run, art, scorer = cached
     task = run.model.task
     model = load_model(str(art.model_dir), task).eval()
     ad = get_adapter(model)
@@ -192,22 +202,17 @@ def attention_table(work: Path, layers: int, eval_n: int, rounds: int) -> int:
     Q/K^T, plus the probabilities and V; each exported and fused as the qat pass does it. Accuracy, fidelity,
     parity, what ORT runs (integer vs float MatMuls of the optimised graph) and latency against the same
     student's fp32 and PTQ dynamic files, interleaved rounds."""
-    from compress.config import load_config
     from compress.models.loading import load_model
     from compress.onnx.runtime import measure_latency, onnx_size_mb
     from compress.passes.common import model_inputs, task_batches
-    from compress.pipeline import Pipeline
     from compress.quant.export import INT8_MATMUL_OPS, export_qat_fused, float_matmuls_behind_qdq, optimized_op_counts
     from compress.quant.fake import QuantSpec, calibrate, insert_fake_quant
     from compress.tasks import get_task
 
-    cfg_path = work / f"L{layers}-ptq.yaml"
-    if not cfg_path.is_file():
-        print(f"{cfg_path} missing: run the main benchmark first", file=sys.stderr)
+    cached = _cached_ptq_run(work, layers, eval_n)
+    if cached is None:
         return 2
-    run = load_config(cfg_path)
-    art = Pipeline(run, progress=False).run().artifact  # all cached
-    scorer = Scorer(load_config(work / "score.yaml"), art, eval_n, work / "teacher-logits.pt")
+    run, art, scorer = cached
     task = run.model.task
     folder = work / f"attention-L{layers}"
     folder.mkdir(exist_ok=True)
