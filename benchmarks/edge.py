@@ -10,6 +10,7 @@ processes falls on each row alike). Coverage and partitions per mobile EP are OR
 (onnxruntime.tools.mobile_helpers) of each file.
 
     nice -n 10 python benchmarks/edge.py [--eval 4000] [--rounds 5] [--work DIR] [--cache DIR]
+    python benchmarks/edge.py --latency-only --rounds 9 --work DIR   # re-time the int8 files of an earlier run
 """
 from __future__ import annotations
 
@@ -56,12 +57,46 @@ def correct(sess: Any, batches: list[dict[str, Any]]) -> Any:
     return np.concatenate(hits).astype(np.float64)
 
 
+def interleaved_p50s(files: dict[str, Path], t: dict[str, Any], args: argparse.Namespace) -> dict[str, list[float]]:
+    """CPU EP p50 of each file per round, the files interleaved within each round (the host is noisy)."""
+    import numpy as np
+
+    from compress.onnx.runtime import measure_latency
+    from compress.tasks import get_task
+
+    lat_in = get_task("sequence-classification").synthetic_inputs(None, batch_size=t["batch_size"], seq_len=t["seq_len"])
+    lat_in["input_ids"] = lat_in["input_ids"] % 1000 + 1000
+    lat_in["token_type_ids"] = np.zeros_like(lat_in["input_ids"])
+    p50s: dict[str, list[float]] = {label: [] for label in files}
+    for _ in range(args.rounds):
+        for label, path in files.items():
+            p50s[label].append(measure_latency(path, lat_in, threads=t["threads"], warmup=20, runs=args.runs)["p50_ms"])
+    return p50s
+
+
+def latency_only(args: argparse.Namespace) -> int:
+    """The two int8 files of an earlier run in --work, timed interleaved; one line per file and the ratio."""
+    import json
+
+    t = json.loads((args.work / "edge" / "report.json").read_text())["target"]
+    files = {"desktop int8 dynamic (shipped)": args.work / "desktop" / "student.int8.onnx",
+             "edge int8 static QDQ (shipped)": args.work / "edge" / "student.int8-static.onnx"}
+    p50s = interleaved_p50s(files, t, args)
+    for label, v in p50s.items():
+        print(f"{label}: p50 {statistics.median(v):.3f} ms (median of {args.rounds} rounds: "
+              f"{', '.join(f'{x:.3f}' for x in v)})")
+    d, e = p50s.values()
+    ratios = [b / a for a, b in zip(d, e)]
+    print(f"CPU latency ratio edge int8 / desktop int8: {statistics.median(ratios):.3f} (median of rounds; per round "
+          f"{', '.join(f'{r:.2f}' for r in ratios)})")
+    return 0
+
+
 def main() -> int:
     import numpy as np
 
     from compress.onnx.edge import load_ort_session, mobile_usability
-    from compress.onnx.runtime import make_session, measure_latency
-    from compress.tasks import get_task
+    from compress.onnx.runtime import make_session
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--eval", type=int, default=4000, help="eval tweets scored for every row")
@@ -69,7 +104,11 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=200, help="timed runs per round and model")
     ap.add_argument("--work", type=Path, default=ROOT / "exports" / "bench-edge")
     ap.add_argument("--cache", type=Path, default=ROOT / "exports" / "minilm-edge" / ".cache")
+    ap.add_argument("--latency-only", action="store_true", help="only the interleaved CPU latency of the two int8 "
+                    "files of an earlier run in --work (no pipelines, no scoring)")
     args = ap.parse_args()
+    if args.latency_only:
+        return latency_only(args)
 
     desk_cfg, edge_cfg = ROOT / "configs" / "minilm-sentiment.yaml", ROOT / "configs" / "minilm-edge.yaml"
     desk_out, edge_out = args.work / "desktop", args.work / "edge"
@@ -87,14 +126,8 @@ def main() -> int:
     hits = {label: correct(opener(path, threads=2), batches) for label, path, opener in rows}
     base = hits[rows[1][0]]
 
-    lat_in = get_task("sequence-classification").synthetic_inputs(None, batch_size=t["batch_size"], seq_len=t["seq_len"])
-    lat_in["input_ids"] = lat_in["input_ids"] % 1000 + 1000
-    lat_in["token_type_ids"] = np.zeros_like(lat_in["input_ids"])
     timed = [rows[1], rows[3]]
-    p50s: dict[str, list[float]] = {label: [] for label, _, _ in timed}
-    for _ in range(args.rounds):
-        for label, path, _ in timed:
-            p50s[label].append(measure_latency(path, lat_in, threads=t["threads"], warmup=20, runs=args.runs)["p50_ms"])
+    p50s = interleaved_p50s({label: path for label, path, _ in timed}, t, args)
     lat = {k: statistics.median(v) for k, v in p50s.items()}
     ratios = [e / d for d, e in zip(p50s[timed[0][0]], p50s[timed[1][0]])]
 
