@@ -107,6 +107,40 @@ def test_edge_bert_pipeline(tmp_path):
     assert [g["name"] for g in failed if not g["passed"]] == ["min_ep_coverage.coreml-neuralnetwork"]
 
 
+def test_edge_qat_exports_a_fixed_shape_qdq_graph_and_its_ort_file(tmp_path):
+    """qat on an edge target: the int8 file is the edge graph (static shapes, the additive mask, no LayerNorm /
+    contrib ops) with int8 weight initializers behind DequantizeLinear, ORT int8 within atol of the fake-quant
+    model, a .ort file that matches it, and NNAPI usability measured on it."""
+    model = save_tiny_bert(tmp_path / "bert", layers=2, seed=0, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
+    data = sentiment_files(tmp_path / "data", eval=20)
+    passes = [{"type": "export"}, {"type": "qat", "steps": 2, "batch_size": 8, "calibration_examples": 16},
+              {"type": "evaluate", "batch_size": 8}]
+    cfg = make_config(tmp_path, model, data, passes=passes,
+                      target={"batch_size": 1, "seq_len": 32, "threads": 1, "warmup": 1, "runs": 3,
+                              "edge": {"eps": ["nnapi"], "batch_size": 2, "seq_len": 24}},
+                      gates={"min_ep_coverage": {"nnapi": 0.95}})
+    assert main(["run", str(cfg), "-q"]) == 0
+    out = tmp_path / "out"
+    f = out / "student.int8-qat.onnx"
+    assert _static_inputs(f) == {"input_ids": [2, 24], "attention_mask": [2, 24], "token_type_ids": [2, 24]}
+    ops = _graph_ops(f)
+    assert not ops & set(edge.MASK_OPS) and not ops & {"LayerNormalization", "Erf", "SkipLayerNormalization"}, ops
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    g = onnx.load(str(f)).graph
+    assert all(n.domain in ("", "ai.onnx") for n in g.node)
+    int8_weights = [i for i in g.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) >= 2 * 6  # q, k, v, o, up, down of each layer
+    rep = json.loads((out / "report.json").read_text())
+    qat = rep["passes"][1]["metrics"]
+    assert qat["parity_max_abs_diff"] < 0.05 and qat["ort_max_abs_diff"] < 1e-3 and qat["fused"] is False
+    feed = {"input_ids": np.full((2, 24), 7, np.int64), "attention_mask": np.ones((2, 24), np.int64),
+            "token_type_ids": np.zeros((2, 24), np.int64)}
+    _check_ort_files(out, "int8-qat", feed)
+    nnapi = rep["evaluation"]["variants"]["int8-qat"]["mobile"]["nnapi"]
+    assert nnapi["coverage"] == 1.0 and nnapi["partitions"] == 1
+
+
 def test_edge_vit_export_and_ort(tmp_path, tiny_vit_dir):
     """ViT through export_edge: fixed batch, image side from the model, Slice instead of the CLS Gather, no
     LayerNormalization / Erf; parity with PyTorch (tanh GELU) and the .ort file with the .onnx."""
@@ -175,8 +209,8 @@ def test_layernorm_rewrite_matches_onnx_layernorm(tmp_path):
     (None, {"min_ep_coverage": {"nnapi": 0.9}}, None, "gates.min_ep_coverage: only an edge run"),
     ({"eps": ["nnapi"]}, {}, [{"type": "export"}, {"type": "ptq"}, {"type": "evaluate"}],
      "passes[1] (ptq): methods: dynamic int8"),
-    ({"eps": ["nnapi"]}, {}, [{"type": "export"}, {"type": "qat", "steps": 1}, {"type": "evaluate"}],
-     "passes[1] (qat): its int8 export is not wired to the edge profile"),
+    ({"eps": ["nnapi"]}, {}, [{"type": "export"}, {"type": "qat", "steps": 1, "quantize_qk": True},
+                              {"type": "evaluate"}], "passes[1] (qat): quantize_qk / quantize_attention_probs"),
 ])
 def test_edge_bad_input(tmp_path, tiny_bert_dir, data_dir, capsys, target_edge, gates, passes, field):
     target = {"batch_size": 1, "seq_len": 32, **({"edge": target_edge} if target_edge else {})}

@@ -9,7 +9,7 @@ What an edge export changes against the server export (docs/edge.md):
   Sqrt / Div / Mul / Add (NNAPI and CoreML's NeuralNetwork format have no LayerNormalization; ORT's CPU EP
   fuses the pattern back at load time); the pooler's `hidden[:, 0]` as Slice + Squeeze instead of a Gather;
 - no contrib-op fusion in the saved file;
-- int8 only as static QDQ (ptq `methods: [static]` or qat);
+- int8 only as static QDQ (ptq `methods: [static]`, or qat: `export_qat_edge`);
 - next to each `.onnx`: the ORT-format `.ort` (runtime optimisation style, ORT's recommendation for NNAPI /
   CoreML) and its `required_operators.config` for a minimal ORT Mobile build.
 
@@ -113,9 +113,11 @@ def check_profile(run: Any, file: str) -> None:
     try:
         prof = profile(run)
         for i, p in enumerate(run.passes):
-            if prof is not None and p.type == "qat":
-                raise InputError(f"passes[{i}] (qat): its int8 export is not wired to the edge profile yet (dynamic "
-                                 "axes, fused graph); for an edge target use ptq with methods: [static]")
+            opts = p.options()
+            if prof is not None and p.type == "qat" and (opts.get("quantize_qk") or opts.get("quantize_attention_probs")):
+                raise InputError(f"passes[{i}] (qat): quantize_qk / quantize_attention_probs hook the attention "
+                                 "function, which the edge graph replaces by eager attention; turn them off for an "
+                                 "edge target")
         for gate in ("min_ep_coverage", "max_ep_partitions"):
             limits = getattr(run.gates, gate) or {}
             if limits and prof is None:
@@ -564,6 +566,47 @@ def run_edge_export(artifact: Any, ctx: Any, model: nn.Module, example: Mapping[
                        edge_shape=[batch, seq] if text else [batch], edge_eps=eps,
                        mask_ops_left=sorted(ops & set(MASK_OPS)))
     return artifact.replace(models=[ModelFile(path, precision="fp32", method="export")], evaluation=None)
+
+
+def export_qat_edge(model: nn.Module, example: Mapping[str, Any], check: Mapping[str, Any], path: Path, *,
+                    task: str, batch: int, seq: int | None, opset: int = 18, atol: float = 0.05,
+                    min_cosine: float = 0.999) -> dict[str, Any]:
+    """The qat pass's int8 export for an edge run: the fake-quant `model` exported as `export_edge` does (fixed
+    shapes, the prepared additive mask, eager attention, tanh GELU), its weights folded to int8 initializers
+    with one consumer per QuantizeLinear (`compress.quant.export.place_qdq`), then `simplify_for_mobile`; parity of
+    ORT's int8 output against the fake-quant model computing the same function, and the .ort file. No fusion.
+    Returns metrics (`parity_ok` False: the caller fails the pass)."""
+    from compress.onnx.export import export_onnx
+    from compress.onnx.parity import check_parity
+    from compress.onnx.runtime import atomic_onnx_path, load_model, write_proto
+    from compress.quant.export import place_qdq
+    from compress.quant.fake import export_mode
+
+    path = Path(path)
+    inputs = {k: torch.from_numpy(v) for k, v in fit_inputs(example, batch, seq).items()}
+    with tempfile.TemporaryDirectory(prefix="compress-qat-edge-", dir=path.parent) as td:
+        raw = Path(td) / "raw.onnx"
+        with export_mode(model), edge_forward(model) as em:
+            export_onnx(em, inputs, raw, task=task, opset=opset, dynamic=False)
+        proto = load_model(raw)
+        changes = place_qdq(proto)
+        with atomic_onnx_path(path) as tmp:
+            write_proto(proto, tmp)
+    rewrites = simplify_for_mobile(path)
+    left = sorted({n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node} & set(MASK_OPS))
+    if left:
+        raise InputError(f"qat: the edge graph of {type(model).__name__} still holds {', '.join(left)}; see docs/edge.md")
+    chunks = fit_batches([check], path)
+    worst, cos, ok, output = 0.0, 1.0, True, ""
+    with edge_forward(model) as em:
+        for c in chunks:
+            p = check_parity(em, path, {k: torch.from_numpy(v) for k, v in c.items()}, task=task, atol=atol,
+                             min_cosine=min_cosine)
+            worst, cos = max(worst, p.max_abs_diff), min(cos, p.cosine)
+            ok, output = ok and p.ok, output or ("" if p.ok else p.output)
+    write_ort(path)
+    return {"parity_ok": ok, "parity_output": output, "parity_max_abs_diff": worst, "parity_cosine": cos,
+            "ort_max_abs_diff": ort_parity(path, chunks), "rewrites": rewrites, **changes}
 
 
 def finish_quantized(path: Path, batches: Sequence[Mapping[str, Any]], atol: float = 1e-3) -> dict[str, Any]:

@@ -94,8 +94,9 @@ class QAT(Pass):
 
     type = "qat"
     Config = QATConfig
-    version = "3"  # 2: pooler/classifier Gemm biases split off (QGemm), the int8 graph fused by ORT's optimizer; 3: attention quantization options
+    version = "4"  # 2: pooler/classifier Gemm biases split off (QGemm), the int8 graph fused by ORT's optimizer; 3: attention quantization options; 4: int8 embedding lookups export as Gather (was GatherND), edge targets
     uses_data = ("train", "calibration", "eval")
+    uses_edge = True  # target.edge: the edge graph (fixed shapes, no fusion) and its .ort (pipeline cache key)
     consumes = (Kind.TORCH_STUDENT, Kind.TEACHER)
     produces = (Kind.ONNX, Kind.ONNX_QUANTIZED)
     drops = (Kind.EVALUATION,)
@@ -187,7 +188,6 @@ class QAT(Pass):
         """int8 QDQ ONNX of the fake-quant student, parity against it, and the student folder."""
         from compress.onnx.runtime import onnx_size_mb
         from compress.passes.export import sample_inputs
-        from compress.quant import fake
         from compress.quant.export import export_qat_fused, float_weights
         from compress.onnx.runtime import load_model
 
@@ -196,6 +196,8 @@ class QAT(Pass):
         example = sample_inputs(ctx, student, pre, 2, max_length=16)
         check = sample_inputs(ctx, student, pre, cfg.parity_examples, max_length=ctx.run.model.max_length)
         path = ctx.out_dir / "student.int8-qat.onnx"
+        if ctx.run.target.edge is not None:  # phones: fixed shapes, mobile-EP graph, .ort (docs/edge.md)
+            return self._export_edge(student, artifact, ctx, pre, example, check, path)
         with ctx.progress.task(f"{ctx.label}: int8 export", total=None):
             res = export_qat_fused(student, example, check, path, task=task, opset=cfg.opset, atol=cfg.atol,
                                    min_cosine=cfg.min_cosine, optimize=cfg.optimize)
@@ -209,6 +211,36 @@ class QAT(Pass):
             raise PassFailed(ctx.label, f"ONNX Runtime int8 output '{parity.output}' differs from the fake-quant "
                              f"PyTorch model: max abs diff {parity.max_abs_diff:.3g} (atol {cfg.atol}), cosine "
                              f"{parity.cosine:.6f} (min {cfg.min_cosine})")
+        return self._finish(student, artifact, ctx, pre, path)
+
+    def _export_edge(self, student: torch.nn.Module, artifact: Artifact, ctx: PassContext, pre: Any,
+                     example: Any, check: Any, path: Any) -> Artifact:
+        """The edge run's int8 file: `compress.onnx.edge.export_qat_edge` at the profile's shapes."""
+        from compress.onnx.edge import export_qat_edge, profile
+        from compress.onnx.runtime import onnx_size_mb
+        from compress.tasks import get_task
+
+        cfg: QATConfig = self.config  # type: ignore[assignment]
+        task = ctx.run.model.task
+        _, batch, seq = profile(ctx.run)  # type: ignore[misc]
+        text = get_task(task).modality != "image"
+        with ctx.progress.task(f"{ctx.label}: edge int8 export [{batch}x{seq if text else 'image'}]", total=None):
+            m = export_qat_edge(student, example, check, path, task=task, batch=batch, seq=seq if text else None,
+                                opset=cfg.opset, atol=cfg.atol, min_cosine=cfg.min_cosine)
+        ctx.metrics.update({k: v for k, v in m.items() if k not in ("parity_ok", "parity_output")}, fused=False,
+                           size_mb=onnx_size_mb(path))
+        if not m["parity_ok"]:
+            raise PassFailed(ctx.label, f"ONNX Runtime int8 output '{m['parity_output']}' of the edge graph differs "
+                             f"from the fake-quant PyTorch model: max abs diff {m['parity_max_abs_diff']:.3g} "
+                             f"(atol {cfg.atol}), cosine {m['parity_cosine']:.6f} (min {cfg.min_cosine})")
+        if m["ort_max_abs_diff"] > 1e-3:
+            raise PassFailed(ctx.label, f"the .ort file's output differs from the .onnx one by {m['ort_max_abs_diff']:.3g}")
+        return self._finish(student, artifact, ctx, pre, path)
+
+    def _finish(self, student: torch.nn.Module, artifact: Artifact, ctx: PassContext, pre: Any, path: Any) -> Artifact:
+        """The student folder (fake quantization stripped, its scales beside it) and the shipped int8 file."""
+        from compress.quant import fake
+
         state = fake.quant_state(student)
         folder = ctx.save_student(fake.strip_fake_quant(student), pre)
         (folder / "qat-scales.json").write_text(json.dumps(state, indent=1))

@@ -306,7 +306,8 @@ class QuantEmbedding(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         if self.exported is not None:
             q, scale = self.exported
-            return q[ids].to(torch.float32) * scale[ids].unsqueeze(-1)
+            # embedding lookups (ONNX Gather), not tensor indexing (GatherND, which mobile EPs do not take)
+            return nn.functional.embedding(ids, q).to(torch.float32) * nn.functional.embedding(ids, scale[:, None])
         return nn.functional.embedding(ids, fake_quant_weight(self.emb.weight, 127), self.emb.padding_idx)
 
 
