@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 EXPORT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
 # loggers whose INFO/WARNING chatter (e.g. "torchvision is not installed", every pass of the graph optimizer)
 # is silenced during one export / fusion; errors still show
+# model_type -> the model type ORT's transformer optimizer fuses it as (export and qat fuse only these)
+FUSION_MODEL_TYPES = {"bert": "bert", "roberta": "bert", "distilbert": "bert", "vit": "vit", "gpt2": "gpt2"}
 EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir")
 FUSION_LOGGERS = ("onnxruntime.transformers", "fusion_base", "onnx_model", "onnx_model_bert", "onnx_model_gpt2",
                   "onnx_model_vit", "fusion_utils", "fusion_attention", "fusion_skiplayernorm", "fusion_layernorm",

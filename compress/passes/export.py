@@ -10,12 +10,11 @@ from pydantic import Field
 from compress.artifact import Artifact, ModelFile
 from compress.contracts import Kind
 from compress.errors import PassFailed
+from compress.onnx.export import FUSION_MODEL_TYPES
 from compress.passes.base import Pass, PassConfig, PassContext
 from compress.passes.common import first_split, model_inputs, task_batches
 from compress.registry import register
 from compress.tasks import get_task
-
-FUSION_MODEL_TYPES = {"bert": "bert", "roberta": "bert", "distilbert": "bert", "vit": "vit", "gpt2": "gpt2"}
 
 
 class ExportConfig(PassConfig):

@@ -232,7 +232,7 @@ def export_qat_fused(model: nn.Module, example_inputs: dict[str, Any], check_inp
     from compress.models import get_adapter
     from compress.onnx.export import optimize_onnx
     from compress.onnx.parity import check_parity
-    from compress.passes.export import FUSION_MODEL_TYPES
+    from compress.onnx.export import FUSION_MODEL_TYPES
 
     path = Path(path)
     changes = export_qat_onnx(model, example_inputs, path, task=task, opset=opset)
