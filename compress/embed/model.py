@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from compress.embed.st import SentenceSpec, load_dense, read_spec
+from compress.tasks import mean_pool
 
 OUTPUT = "sentence_embedding"  # the ONNX output name, as sentence-transformers' own ONNX exports call it
 
@@ -18,13 +19,12 @@ def pool(h: Tensor, mask: Tensor | None, mode: str) -> Tensor:
     mask is 1, or the first ([CLS]) token. Padding never changes the result."""
     if mode == "cls":
         return h[:, 0]
-    if mask is None:
-        return h.mean(1) if mode == "mean" else h.amax(1)
-    m = mask.unsqueeze(-1).to(h.dtype)
-    if mode == "mean":
-        return (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
+    if mode == "mean":  # the one masked mean of the project (relation terms, feature-extraction scores)
+        return mean_pool(h, mask)
     if mode == "max":
-        return h.masked_fill(m == 0, torch.finfo(h.dtype).min).amax(1)
+        if mask is None:
+            return h.amax(1)
+        return h.masked_fill(mask.unsqueeze(-1) == 0, torch.finfo(h.dtype).min).amax(1)
     raise ValueError(f"unknown pooling mode {mode!r}")
 
 
