@@ -147,13 +147,19 @@ def test_unreachable_targets_exit_2(tmp_path, bert4_dir, data_dir, capsys):
     assert "below the floor" in line and "latency_ms" in line
 
 
-def test_vocab_trimmed_student_keeps_the_teachers_ids(tmp_path, bert4_dir, data_dir):
-    """After vocabulary trimming the teacher still reads original ids: distill maps the student's ids back and
-    evaluate tokenizes for the teacher with its own tokenizer, so the teacher's reference is unchanged."""
+QAT = {"type": "qat", "steps": 2, "batch_size": 16, "lr": 1e-4, "calibration_examples": 16}
+
+
+@pytest.mark.parametrize("after", ["distill", "qat-student", "qat-teacher"])
+def test_vocab_trimmed_student_keeps_the_teachers_ids(tmp_path, bert4_dir, data_dir, after):
+    """After vocabulary trimming the teacher still reads original ids: distill maps the student's ids back, qat
+    hands the map on (and maps the ids when the full teacher teaches), and evaluate tokenizes for the teacher with
+    its own tokenizer, so the teacher's reference is unchanged."""
     from compress.prune.idmap import load_id_map
 
+    tail = [{"type": "export"}] + ([] if after == "distill" else [dict(QAT, teacher=after.split("-")[1])])
     passes = [FINETUNE, {"type": "prune", "method": "magnitude", "granularities": ["vocab"], "target": {"fraction": 0.5}},
-              {"type": "distill", "steps": 2, "batch_size": 16, "lr": 1e-3}, {"type": "export"}, {"type": "evaluate"}]
+              {"type": "distill", "steps": 2, "batch_size": 16, "lr": 1e-3}, *tail, {"type": "evaluate"}]
     cfg = _write(tmp_path, bert4_dir, data_dir, passes)
     assert main(["run", str(cfg), "-q"]) == 0, _report(tmp_path)["error"]
     trimmed = _report(tmp_path)["evaluation"]

@@ -94,7 +94,7 @@ class QAT(Pass):
 
     type = "qat"
     Config = QATConfig
-    version = "4"  # 2: pooler/classifier Gemm biases split off (QGemm), the int8 graph fused by ORT's optimizer; 3: attention quantization options; 4: int8 embedding lookups export as Gather (was GatherND), edge targets
+    version = "5"  # 5: a trimmed vocabulary's id map goes on with the student (evaluate read the teacher through the trimmed tokenizer); 2: pooler/classifier Gemm biases split off (QGemm), the int8 graph fused by ORT's optimizer; 3: attention quantization options; 4: int8 embedding lookups export as Gather (was GatherND), edge targets
     uses_data = ("train", "calibration", "eval")
     uses_edge = True  # target.edge: the edge graph (fixed shapes, no fusion) and its .ort (pipeline cache key)
     consumes = (Kind.TORCH_STUDENT, Kind.TEACHER)
@@ -155,7 +155,12 @@ class QAT(Pass):
                                            limit=cfg.calibration_examples, max_length=max_length, model=teacher))
             calibrated = fake.calibrate(student, calib)
         student.train()
-        objective = DistillObjective(student, teacher, cfg, task=ctx.run.model.task, where=f"passes: '{ctx.label}'")
+        from compress.prune.idmap import load_id_map
+
+        # a vocabulary-trimmed student: the full teacher reads the original ids (the fp32 student copy needs none)
+        id_map = load_id_map(artifact.model_dir) if cfg.teacher == "teacher" else None
+        objective = DistillObjective(student, teacher, cfg, task=ctx.run.model.task, where=f"passes: '{ctx.label}'",
+                                     teacher_id_map=id_map)
 
         def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int) -> StepOutput:
             out = objective(batch, model=model)
@@ -243,6 +248,11 @@ class QAT(Pass):
 
         state = fake.quant_state(student)
         folder = ctx.save_student(fake.strip_fake_quant(student), pre)
+        from compress.prune.idmap import load_id_map, save_id_map
+
+        id_map = load_id_map(artifact.model_dir)
+        if id_map is not None:  # a trimmed vocabulary: the teacher's ids go on with the student (evaluate, ...)
+            save_id_map(folder, id_map.tolist())
         (folder / "qat-scales.json").write_text(json.dumps(state, indent=1))
         # earlier quantized models came from the student before QAT; the fp32 export stays as the reference
         kept = [ModelFile(m.path, m.precision, m.method, m.format, shipped=False) for m in artifact.models
