@@ -4,6 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q -c constraints.txt
 CONFIG ?= configs/minilm-sentiment.yaml
+PROFILE ?=  # make demo PROFILE=full: the config's long version (its `profiles:` section)
 
 .PHONY: demo test test-slow install-demo install-test install-mutation mutation gpu-wheels clean
 
@@ -31,7 +32,7 @@ install-test: $(VENV)/.test-installed
 install-mutation: $(VENV)/.mutation-installed
 
 demo: install-demo
-	$(VENV)/bin/compress run $(CONFIG)
+	$(VENV)/bin/compress run $(CONFIG) $(if $(PROFILE),--profile $(PROFILE))
 
 test: install-test
 	$(PY) -m pytest -q

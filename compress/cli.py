@@ -30,7 +30,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from compress.config import load_config
     from compress.pipeline import Pipeline
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set, profile=args.profile)
     result = Pipeline(
         cfg, use_cache=not args.no_cache, from_pass=args.from_pass, until=args.until, progress=not args.quiet,
         nproc=args.nproc or 1,
@@ -88,7 +88,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from compress.models.loading import resolve_source
     from compress.pipeline import Pipeline, check_pipeline
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set, profile=args.profile)
     resolve_source(cfg.model.path, cfg.base_dir)
     check_pipeline(cfg, str(args.config))
     for split in ("train", "eval", "calibration"):
@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the pipeline of a model.yaml")
     r.add_argument("config")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. passes.0.epochs=2")
+    r.add_argument("--profile", metavar="NAME", help="apply the config's `profiles: {NAME: ...}` settings (e.g. full)")
     r.add_argument("--no-cache", action="store_true", help="rerun every pass, ignoring cached results")
     r.add_argument("--from", dest="from_pass", metavar="PASS", help="rerun from this pass on (earlier ones may be cached)")
     r.add_argument("--until", metavar="PASS", help="stop after this pass")
@@ -199,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a model.yaml's schema and paths (fast, loads no model)")
     v.add_argument("config")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    v.add_argument("--profile", metavar="NAME", help="apply the config's `profiles: {NAME: ...}` settings")
     v.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("passes", help="list every registered pass with its config fields")

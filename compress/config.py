@@ -189,28 +189,52 @@ def _set_override(raw: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment}: expected KEY=VALUE, e.g. --set passes.0.epochs=2")
     key, value = assignment.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
+    _assign(raw, key, yaml.safe_load(value), f"--set {key}")
+
+
+def _assign(raw: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """Set a dotted key (`passes.0.epochs`, `data.train.limit`) of a raw config to `value`."""
+    parts = [p for p in str(key).strip().split(".") if p]
     if not parts:
-        raise ConfigError(f"--set {assignment}: empty key; e.g. --set passes.0.epochs=2")
+        raise ConfigError(f"{where}: empty key; e.g. passes.0.epochs=2")
     node: Any = raw
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         here = ".".join(parts[: i + 1])
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"--set {key}: '{here}' is not an index of a list of {len(node)} items")
+                raise ConfigError(f"{where}: '{here}' is not an index of a list of {len(node)} items")
             idx = int(part)
             if last:
-                node[idx] = yaml.safe_load(value)
+                node[idx] = value
             else:
                 node = node[idx]
         elif isinstance(node, dict):
             if last:
-                node[part] = yaml.safe_load(value)
+                node[part] = value
             else:
                 node = node.setdefault(part, {})
         else:
-            raise ConfigError(f"--set {key}: '{'.'.join(parts[:i])}' is a value, not a mapping or list")
+            raise ConfigError(f"{where}: '{'.'.join(parts[:i])}' is a value, not a mapping or list")
+
+
+def apply_profile(raw: Any, profile: str | None, file: str) -> None:
+    """Take the `profiles:` section out of a raw config and apply the chosen one's `dotted.key: value` settings
+    (before any --set). A profile is a named set of overrides, e.g. the long version of a demo."""
+    if not isinstance(raw, dict):
+        return
+    profiles = raw.pop("profiles", None)
+    if profiles is not None and (not isinstance(profiles, dict) or not all(isinstance(v, dict) for v in profiles.values())):
+        raise ConfigError(f"{file}: profiles: expected a mapping of name -> {{dotted.key: value}}, "
+                          "e.g. profiles: {full: {passes.0.epochs: 3}}")
+    if profile is None:
+        return
+    if not profiles or profile not in profiles:
+        known = ", ".join(sorted(profiles)) if profiles else "none"
+        raise ConfigError(f"--profile {profile}: {file} has no such profile (its profiles: {known}); "
+                          "add it under `profiles:` or drop --profile")
+    for key, value in profiles[profile].items():
+        _assign(raw, key, value, f"{file}: profiles.{profile}.{key}")
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -289,6 +313,8 @@ def format_validation_error(
 def parse_config(raw: Any, *, file: str = "<config>", source: Path | None = None, check_passes: bool = True) -> RunConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: expected a mapping at the top level (name:, model:, passes:, ...)")
+    raw = dict(raw)
+    apply_profile(raw, None, file)  # a config given as a dict may carry its profiles; none is chosen here
     raw = _interpolate(raw, "", file)
     try:
         cfg = RunConfig.model_validate(raw)
@@ -319,8 +345,10 @@ def validate_pass_configs(cfg: RunConfig, file: str) -> list[BaseModel]:
     return typed
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None, *, check_passes: bool = True) -> RunConfig:
-    """Read a model.yaml, apply `--set` overrides and `${ENV}` interpolation, and validate it."""
+def load_config(path: str | Path, overrides: list[str] | None = None, *, check_passes: bool = True,
+                profile: str | None = None) -> RunConfig:
+    """Read a model.yaml, apply a profile (`profiles:` section), `--set` overrides and `${ENV}` interpolation,
+    and validate it."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found; pass the path of a model.yaml (see configs/)")
@@ -332,6 +360,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, check_p
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{p}:{where}: invalid YAML: {problem}") from None
     raw = copy.deepcopy(raw)
+    apply_profile(raw, profile, str(p))
     for assignment in overrides or []:
         if not isinstance(raw, dict):
             break

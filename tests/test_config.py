@@ -107,6 +107,30 @@ def test_bad_set(capsys, good, assignment, words):
         assert w in err
 
 
+def test_profile_applies_its_settings_before_set(tmp_path, good):
+    _edit(good, lambda r: r.update(profiles={"full": {"passes.0.epochs": 3, "data.train.limit": 40, "name": "long"}}))
+    plain = load_config(good)
+    assert plain.name != "long" and plain.passes[0].options().get("epochs") != 3  # no profile: the file as written
+    full = load_config(good, profile="full")
+    assert full.passes[0].options()["epochs"] == 3 and full.data.train.limit == 40 and full.name == "long"
+    assert load_config(good, ["passes.0.epochs=5"], profile="full").passes[0].options()["epochs"] == 5  # --set wins
+
+
+@pytest.mark.parametrize("profiles,argv,words", [
+    ({"full": {"passes.0.epochs": 3}}, ["--profile", "fast"], ["--profile fast", "its profiles: full"]),
+    (None, ["--profile", "full"], ["--profile full", "profiles: none"]),
+    ({"full": {"passes.9.epochs": 3}}, ["--profile", "full"], ["profiles.full.passes.9.epochs", "not an index"]),
+    (["passes.0.epochs=3"], [], ["profiles: expected a mapping"]),
+])
+def test_bad_profile(capsys, good, profiles, argv, words):
+    if profiles is not None:
+        _edit(good, lambda r: r.update(profiles=profiles))
+    code, err = run_cli(capsys, "validate", str(good), *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    for w in words:
+        assert w in err
+
+
 def test_from_until_unknown_pass(capsys, good):
     code, err = run_cli(capsys, "run", str(good), "-q", "--from", "distil")
     assert code == 2 and "--from distil" in err and "finetune" in err
