@@ -1,6 +1,6 @@
 """Does distillation beat plain fine-tuning of the same student? One run, side by side.
 
-Runs a config (default: the embedded configs/minilm-sentiment.yaml) twice, sharing one cache so the teacher
+Runs a config (default: configs/minilm-distill.yaml, the distilled 3-layer student) twice, sharing one cache so the teacher
 is fine-tuned once:
   distill   : the config as written (logit KD + hidden-state losses + CE, OPTIMA schedule)
   finetune  : the same `distill` pass with only the hard-label CE loss on: the same inherited student,
@@ -28,7 +28,7 @@ def main() -> int:
     from compress.pipeline import Pipeline
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", nargs="?", default=str(ROOT / "configs" / "minilm-sentiment.yaml"))
+    ap.add_argument("config", nargs="?", default=str(ROOT / "configs" / "minilm-distill.yaml"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--work", default=None, help="folder for the two runs and their shared cache (default: a temp dir)")
     ap.add_argument("--cache", default=None, help="cache folder to share (e.g. a finished demo's exports/<name>/.cache, "

@@ -1,6 +1,6 @@
 """Edge student against the desktop student, side by side, from one run (issue 14, docs/edge.md).
 
-Runs the embedded default (configs/minilm-sentiment.yaml: dynamic int8, fused, dynamic axes) and its edge
+Runs the distilled 3-layer student (configs/minilm-distill.yaml: dynamic int8, fused, dynamic axes) and its edge
 version (configs/minilm-edge.yaml: fixed [1, 64] shapes, the mobile-EP graph, static QDQ int8, .ort files)
 through compress.pipeline with one shared cache (the fine-tuned teacher and the distilled student are the same
 cache entries), then, on the same eval tweets for every row (--eval, default 4000, all from the default's eval
@@ -110,7 +110,7 @@ def main() -> int:
     if args.latency_only:
         return latency_only(args)
 
-    desk_cfg, edge_cfg = ROOT / "configs" / "minilm-sentiment.yaml", ROOT / "configs" / "minilm-edge.yaml"
+    desk_cfg, edge_cfg = ROOT / "configs" / "minilm-distill.yaml", ROOT / "configs" / "minilm-edge.yaml"
     desk_out, edge_out = args.work / "desktop", args.work / "edge"
     desk, edg = run_config(desk_cfg, desk_out, args.cache), run_config(edge_cfg, edge_out, args.cache)
     t = edg.report["target"]

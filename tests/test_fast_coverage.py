@@ -57,22 +57,30 @@ def minilm_shaped(tmp_path_factory) -> Path:
 
 
 def test_demo_config_runs_on_a_tiny_stand_in(tmp_path, minilm_shaped):
+    """Every pass of the demo (finetune, search, prune with learned masks and vocabulary trimming, distill with
+    OPTIMA, export, ptq, qat, evaluate) on the stand-in, with the demo's settings but the steps and the search
+    space cut to its size."""
     out = tmp_path / "out"
     sets = [f"model.path={minilm_shaped}", f"output={out}", "data.train.limit=128", "data.eval.limit=64",
-            "data.calibration.limit=16", "passes.0.steps=4", "passes.1.steps=4", "passes.1.schedule.interval=2",
-            "target.runs=5", "target.warmup=1"]
+            "data.calibration.limit=16", "passes.0.steps=4",
+            "passes.1.space={layers: [2, 3], hidden: [16, 32], heads: [2, 4], ffn: [32, 64]}",
+            "passes.1.max_latency_ms=1000", "passes.1.iterations=3", "passes.1.population=2", "passes.1.sample=1",
+            "passes.1.measure_runs=3", "passes.2.steps=4", "passes.3.steps=4", "passes.3.schedule.interval=2",
+            "passes.6.steps=2", "passes.6.calibration_examples=16", "target.runs=5", "target.warmup=1"]
     code = main(["run", str(DEMO), "-q", *[a for s in sets for a in ("--set", s)]])
     rep = json.loads((out / "report.json").read_text())
-    assert [p["type"] for p in rep["passes"]] == ["finetune", "distill", "export", "ptq", "evaluate"]
-    assert all(p["status"] == "ran" for p in rep["passes"])
-    m = rep["passes"][1]["metrics"]
-    assert m["inherited_layers"] == [2, 4, 6] and m["student_layers"] == 3
-    assert {g["name"] for g in rep["gates"]} == {"max_quality_drop", "max_latency_ms", "max_size_mb"}
+    assert [p["type"] for p in rep["passes"]] == ["finetune", "search", "prune", "distill", "export", "ptq", "qat",
+                                                  "evaluate"]
+    assert all(p["status"] == "ran" for p in rep["passes"]), rep["error"]
+    search, prune = rep["passes"][1]["metrics"], rep["passes"][2]["metrics"]
+    assert search["chosen"].startswith(("L2-", "L3-"))
+    assert prune["vocab_after"] < 30522 and prune["params_after"] < prune["params_before"]
+    assert {g["name"] for g in rep["gates"]} == {"max_quality_drop", "min_fidelity", "max_latency_ms", "max_size_mb"}
     # a random stand-in's accuracy says nothing; what must hold is the size and latency, and the exit code
     # must be the gates' verdict
     gates = {g["name"]: g for g in rep["gates"]}
     assert gates["max_size_mb"]["passed"] and gates["max_latency_ms"]["passed"]
     assert code == (0 if all(g["passed"] for g in rep["gates"]) else 3)
-    for f in ("student.onnx", "student.int8.onnx", "student.int8-static.onnx", "model/config.json", "junit.xml",
-              "report.md", "schedule-distill.png"):
+    for f in ("student.onnx", "model/config.json", "model/vocab_kept.json", "junit.xml", "report.md",
+              "schedule-distill.png"):
         assert (out / f).exists(), f
