@@ -31,6 +31,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from compress.pipeline import Pipeline
 
     cfg = load_config(args.config, args.set)
+    if args.check_only:
+        return cmd_check_only(args, cfg)
     result = Pipeline(
         cfg, use_cache=not args.no_cache, from_pass=args.from_pass, until=args.until, progress=not args.quiet,
         nproc=args.nproc or 1,
@@ -44,6 +46,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         _console(stderr=True).print(f"[bold red]gate failed:[/] {result.error}; outputs still in {result.output_dir}")
     else:
         return _fail(result.error or "failed", result.exit_code)
+    return result.exit_code
+
+
+def cmd_check_only(args: argparse.Namespace, cfg: Any) -> int:
+    """`compress run --check-only`: the gates on the cached artifacts (compress/check.py); 0, 3, or 2."""
+    from compress.check import check_only, refuse_run_flags
+
+    refuse_run_flags(args)
+    result = check_only(cfg)
+    con = _console()
+    for g in result.gates:
+        con.print(f"gate {g['name']}: {'[green]pass[/]' if g['passed'] else '[red]FAIL[/]'} ({g['detail']})")
+    if result.exit_code == 0:
+        con.print(f"[green]ok[/]: every gate holds; report rewritten in {result.output_dir}")
+    else:
+        _console(stderr=True).print(f"[bold red]gate failed:[/] {result.error}; report rewritten in {result.output_dir}")
     return result.exit_code
 
 
@@ -194,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--until", metavar="PASS", help="stop after this pass")
     r.add_argument("--nproc", type=int, default=None, help="training processes (torchrun DDP) for training passes")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+    r.add_argument("--check-only", action="store_true",
+                   help="re-evaluate the gates on the cached artifacts of an earlier run and rewrite the report's "
+                   "gate section; trains and exports nothing (exit 0 pass, 3 a gate failed, 2 nothing cached)")
     r.set_defaults(func=cmd_run)
 
     v = sub.add_parser("validate", help="check a model.yaml's schema and paths (fast, loads no model)")
