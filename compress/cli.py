@@ -121,25 +121,33 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
+    """Every pass (a rich table each on a terminal; plain text, nothing cut, in a pipe or a file), or one in full."""
+    from compress.describe import contract_lines, describe, field_rows, find_pass, summary
     from compress.registry import all_passes
+
+    if args.type or not sys.stdout.isatty():
+        text = describe(find_pass(args.type), full=True) if args.type else "\n".join(map(describe, all_passes().values()))
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `compress passes | head`: the reader left; not an error
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    from rich.table import Table
 
     con = _console()
     for name, cls in all_passes().items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        contract = "; ".join(f"{what}: {', '.join(k.name.lower() for k in kinds)}"
-                             for what in ("consumes", "refuses", "produces", "drops")
-                             if (kinds := getattr(cls, what, ())))
-        t = Table(title=f"[bold]{name}[/] (v{cls.version}) {doc}" + (f"\n  {contract}" if contract else ""),
+        contract = "; ".join(contract_lines(cls))
+        t = Table(title=f"[bold]{name}[/] (v{cls.version}) {summary(cls)}" + (f"\n  {contract}" if contract else ""),
                   title_justify="left", expand=False)
         for col in ("field", "type", "default", "description"):
-            t.add_column(col)
-        for fname, f in cls.Config.model_fields.items():
-            ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
-            default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
-            t.add_row(fname, ann, default, f.description or "")
+            t.add_column(col, overflow="fold")
+        for r in field_rows(cls.Config):
+            t.add_row(r.name, r.type, r.default + (f" ({r.constraints})" if r.constraints else ""), r.description)
         con.print(t)
+    con.print("`compress passes TYPE` prints one pass in full.")
     return 0
 
 
@@ -222,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     v.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("passes", help="list every registered pass with its config fields")
+    p = sub.add_parser("passes", help="list every registered pass with its config fields, or one pass in full")
+    p.add_argument("type", nargs="?", default=None, help="a pass type: print its description, contract, version and "
+                   "every config field (type, default, description)")
     p.set_defaults(func=cmd_passes)
 
     b = sub.add_parser("bench", help="ONNX Runtime latency of an .onnx file")
