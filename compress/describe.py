@@ -99,9 +99,14 @@ def contract_lines(cls: type, full: bool = False) -> list[str]:
     return out
 
 
+def _doc(cls: type) -> str:
+    """The class's own docstring (not one inherited from Pass or PassConfig), dedented."""
+    return inspect.cleandoc(cls.__dict__.get("__doc__") or "")
+
+
 def summary(cls: type) -> str:
-    doc = inspect.getdoc(cls) or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+    doc = _doc(cls)
+    return doc.splitlines()[0] if doc else ""
 
 
 def describe(cls: type, full: bool = False) -> str:
@@ -109,13 +114,13 @@ def describe(cls: type, full: bool = False) -> str:
     data splits it reads; else the docstring's first line and the short contract."""
     name = getattr(cls, "type", cls.__name__)
     lines = [f"{name} (version {getattr(cls, 'version', '?')})"]
-    doc = inspect.getdoc(cls) or ""
+    doc = _doc(cls)
     if full:
-        lines += [f"  {line}" if line else "" for line in doc.strip().splitlines()]
-        config_doc = inspect.getdoc(cls.Config) or ""
-        if config_doc and cls.Config.__doc__ and config_doc != doc:
+        lines += [f"  {line}" if line else "" for line in doc.splitlines()] or ["  (no description)"]
+        config_doc = _doc(cls.Config)
+        if config_doc and config_doc != doc:
             lines += ["", f"  config ({cls.Config.__name__}):"]
-            lines += [f"    {line}" if line else "" for line in config_doc.strip().splitlines()]
+            lines += [f"    {line}" if line else "" for line in config_doc.splitlines()]
     elif summary(cls):
         lines.append(f"  {summary(cls)}")
     contract = contract_lines(cls, full)

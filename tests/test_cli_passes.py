@@ -91,3 +91,32 @@ def test_unknown_pass_type_is_exit_2_listing_the_known_ones(capsys):
     line = one_line_error(capsys)
     assert "no such pass type" in line and "nope" in line
     assert all(name in line for name in all_passes())
+
+
+def test_a_registered_third_party_pass_in_full(capsys):
+    """A pass without docstrings does not borrow Pass's or PassConfig's; required fields say so."""
+    from pydantic import Field
+
+    from compress.passes.base import Pass, PassConfig
+    from compress.registry import register, unregister
+
+    class MineConfig(PassConfig):
+        strength: float = Field(description="How strong.", ge=0)
+        names: list[str] = Field(default_factory=list, description="Which names.")
+
+    class Mine(Pass):
+        type = "test-mine"
+        Config = MineConfig
+        version = "7"
+
+    register(Mine)
+    try:
+        assert main(["passes", "test-mine"]) == 0
+    finally:
+        unregister("test-mine")
+    out = capsys.readouterr().out
+    assert out.startswith("test-mine (version 7)\n  (no description)\n")
+    assert Pass.__doc__.split(".")[0] not in out and PassConfig.__doc__.split(":")[0] not in out
+    assert "contract: none declared" in out
+    assert "    strength: float (required)  (ge=0)\n        How strong.\n" in out
+    assert "    names: list[str] = []\n        Which names.\n" in out
