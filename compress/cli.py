@@ -31,6 +31,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from compress.pipeline import Pipeline
 
     cfg = load_config(args.config, args.set, profile=args.profile)
+    if args.check_only:
+        return cmd_check_only(args, cfg)
     result = Pipeline(
         cfg, use_cache=not args.no_cache, from_pass=args.from_pass, until=args.until, progress=not args.quiet,
         nproc=args.nproc or 1,
@@ -44,6 +46,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         _console(stderr=True).print(f"[bold red]gate failed:[/] {result.error}; outputs still in {result.output_dir}")
     else:
         return _fail(result.error or "failed", result.exit_code)
+    return result.exit_code
+
+
+def cmd_check_only(args: argparse.Namespace, cfg: Any) -> int:
+    """`compress run --check-only`: the gates on the cached artifacts (compress/check.py); 0, 3, or 2."""
+    from compress.check import check_only, refuse_run_flags
+
+    refuse_run_flags(args)
+    result = check_only(cfg)
+    con = _console()
+    for g in result.gates:
+        con.print(f"gate {g['name']}: {'[green]pass[/]' if g['passed'] else '[red]FAIL[/]'} ({g['detail']})")
+    if result.exit_code == 0:
+        con.print(f"[green]ok[/]: every gate holds; report rewritten in {result.output_dir}")
+    else:
+        _console(stderr=True).print(f"[bold red]gate failed:[/] {result.error}; report rewritten in {result.output_dir}")
     return result.exit_code
 
 
@@ -103,25 +121,33 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
+    """Every pass (a rich table each on a terminal; plain text, nothing cut, in a pipe or a file), or one in full."""
+    from compress.describe import contract_lines, describe, field_rows, find_pass, summary
     from compress.registry import all_passes
+
+    if args.type or not sys.stdout.isatty():
+        text = describe(find_pass(args.type), full=True) if args.type else "\n".join(map(describe, all_passes().values()))
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `compress passes | head`: the reader left; not an error
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    from rich.table import Table
 
     con = _console()
     for name, cls in all_passes().items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        contract = "; ".join(f"{what}: {', '.join(k.name.lower() for k in kinds)}"
-                             for what in ("consumes", "refuses", "produces", "drops")
-                             if (kinds := getattr(cls, what, ())))
-        t = Table(title=f"[bold]{name}[/] (v{cls.version}) {doc}" + (f"\n  {contract}" if contract else ""),
+        contract = "; ".join(contract_lines(cls))
+        t = Table(title=f"[bold]{name}[/] (v{cls.version}) {summary(cls)}" + (f"\n  {contract}" if contract else ""),
                   title_justify="left", expand=False)
         for col in ("field", "type", "default", "description"):
-            t.add_column(col)
-        for fname, f in cls.Config.model_fields.items():
-            ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
-            default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
-            t.add_row(fname, ann, default, f.description or "")
+            t.add_column(col, overflow="fold")
+        for r in field_rows(cls.Config):
+            t.add_row(r.name, r.type, r.default + (f" ({r.constraints})" if r.constraints else ""), r.description)
         con.print(t)
+    con.print("`compress passes TYPE` prints one pass in full.")
     return 0
 
 
@@ -195,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--until", metavar="PASS", help="stop after this pass")
     r.add_argument("--nproc", type=int, default=None, help="training processes (torchrun DDP) for training passes")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+    r.add_argument("--check-only", action="store_true",
+                   help="re-evaluate the gates on the cached artifacts of an earlier run and rewrite the report's "
+                   "gate section; trains and exports nothing (exit 0 pass, 3 a gate failed, 2 nothing cached)")
     r.set_defaults(func=cmd_run)
 
     v = sub.add_parser("validate", help="check a model.yaml's schema and paths (fast, loads no model)")
@@ -203,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--profile", metavar="NAME", help="apply the config's `profiles: {NAME: ...}` settings")
     v.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("passes", help="list every registered pass with its config fields")
+    p = sub.add_parser("passes", help="list every registered pass with its config fields, or one pass in full")
+    p.add_argument("type", nargs="?", default=None, help="a pass type: print its description, contract, version and "
+                   "every config field (type, default, description)")
     p.set_defaults(func=cmd_passes)
 
     b = sub.add_parser("bench", help="ONNX Runtime latency of an .onnx file")

@@ -32,3 +32,14 @@ class PassFailed(CompressError):
     def __init__(self, pass_name: str, message: str):
         super().__init__(f"pass '{pass_name}' failed: {message}")
         self.pass_name = pass_name
+
+
+class NotCached(InputError):
+    """`compress run --check-only` looked up a step the cache does not hold (the pipeline looks up, never builds).
+    Exit code 2; compress.check words the fix."""
+
+    def __init__(self, label: str, key: str, cache: object):
+        super().__init__(f"pass '{label}' has no cached result for this config in {cache} (key {key[:12]})")
+        self.label = label
+        self.key = key
+        self.cache = cache

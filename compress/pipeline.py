@@ -23,7 +23,7 @@ from typing import Any
 
 from compress.artifact import Artifact
 from compress.config import RunConfig, validate_pass_configs
-from compress.errors import CompressError, ConfigError, GateFailed, InputError, PassFailed
+from compress.errors import CompressError, ConfigError, GateFailed, InputError, NotCached, PassFailed
 from compress.passes.base import DataProvider, Pass, PassConfig, PassContext, Progress, stable_hash
 from compress.contracts import Kind, check_order
 from compress.registry import all_passes, get_pass
@@ -90,6 +90,7 @@ class Pipeline:
         until: str | None = None,
         progress: bool = True,
         nproc: int = 1,
+        lookup_only: bool = False,
         **config: Any,
     ):
         if not isinstance(run, RunConfig):
@@ -104,6 +105,7 @@ class Pipeline:
         if nproc < 1:
             raise ConfigError(f"--nproc {nproc}: the number of training processes must be at least 1")
         self.nproc = nproc
+        self.lookup_only = lookup_only  # `compress run --check-only` (compress/check.py): a cache miss raises NotCached
         self.labels = run.pass_labels()
         for flag, value in (("--from", from_pass), ("--until", until)):
             if value is not None and value not in self.labels:
@@ -172,9 +174,7 @@ class Pipeline:
         if exit_code == EXIT_OK and any(g["passed"] is False for g in gates):
             failed = [g["name"] for g in gates if g["passed"] is False]
             exit_code = EXIT_GATE
-            error = "gate(s) failed: " + ", ".join(
-                f"{g['name']} ({g['detail']})" for g in gates if g["passed"] is False
-            )
+            error = gate_error(gates)
             log.info("gates failed: %s", failed)
         report = build_report(run, records, gates, artifact, exit_code, error, started)
         if exit_code in (EXIT_OK, EXIT_GATE) or artifact is not None:
@@ -232,6 +232,8 @@ class Pipeline:
         if cached is not None:
             log.info("load: cached (%s)", key[:12])
             return cached
+        if self.lookup_only:
+            raise NotCached("load", key, self.cache)
 
         def build(out: Path) -> Artifact:
             import torch
@@ -292,6 +294,8 @@ class Pipeline:
                 rec.events = hist.get("events", [])
                 log.info("%s: cached (%s)", rec.label, key[:12])
                 return cached
+        if self.lookup_only:
+            raise NotCached(rec.label, key, self.cache)
 
         work = self.cache / "work" / key
         work.mkdir(parents=True, exist_ok=True)
@@ -447,6 +451,12 @@ def evaluate_gates(run: RunConfig, artifact: Artifact, partial: bool = False) ->
             item["passed"] = None if partial else False
             item["detail"] += " (not measured: the run stopped early)" if partial else " (not measured)"
     return out
+
+
+def gate_error(gates: list[dict[str, Any]]) -> str | None:
+    """The run's error line when gates failed (None when none did)."""
+    failed = [f"{g['name']} ({g['detail']})" for g in gates if g["passed"] is False]
+    return "gate(s) failed: " + ", ".join(failed) if failed else None
 
 
 def run(config: RunConfig | str | Path, overrides: list[str] | None = None, **kwargs: Any) -> RunResult:
