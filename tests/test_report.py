@@ -106,7 +106,7 @@ def test_static_vs_dynamic_note(run_dir: Path) -> None:
     ptq = next(p for p in rep["passes"] if p["type"] == "ptq")["metrics"]
     d, s = ptq["dynamic_runs"], ptq["static_runs"]
     assert d["int8_matmuls"] > 0 and s["int8_matmuls"] > 0
-    assert f"static has {s['int8_matmuls']} int8 MatMuls" in md
+    assert f"static has {s['int8_matmuls']} int8 MatMuls" in md and "Static vs dynamic int8: static int8 runs at" in md
 
 
 def test_rerender_from_report_json(run_dir: Path) -> None:

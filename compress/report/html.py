@@ -7,7 +7,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from compress.report.render import GATE_COLUMNS, gate_banner, gate_rows, int8_note, model_rows, pass_rows
+from compress.report.render import GATE_COLUMNS, gate_banner, gate_rows, headline, int8_note, model_rows, pass_rows
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
@@ -35,6 +35,8 @@ figure img{max-width:100%;height:auto;display:block}
 figcaption{color:#4b5563;font-size:.9em;margin-top:6px}
 td.metrics{font-size:.85em;color:#374151;max-width:640px}
 .wide{overflow-x:auto}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(520px,1fr));gap:14px}
+.grid figure{margin:0}
 footer{color:#6b7280;font-size:.8em;margin-top:36px}
 """
 
@@ -102,6 +104,8 @@ def render_html(report: dict[str, Any], folder: Path) -> str:
     if report.get("shipped"):
         meta.append(f"<b>shipped:</b> <code>{_e(report['shipped'])}</code> (the {_e(fs.get('model', fs.get('variant')))} "
                     "student)")
+    if headline(report):
+        meta.append(f"<b>{_e(headline(report))}</b>")
     t = report["target"]
     meta.append(f"task: {_e(report['task'])}; teacher: <code>{_e(report['teacher'])}</code>; run took "
                 f"{report['duration_s']:.1f} s")
@@ -131,6 +135,9 @@ def render_html(report: dict[str, Any], folder: Path) -> str:
         if not mine:
             continue
         parts.append(f"<h3>{_e(section)}</h3>")
+        grid = prefix == "loss-" and len(mine) > 1  # small plots side by side
+        if grid:
+            parts.append('<div class="grid">')
         for p in mine:
             done.add(p)
             img = _img(folder / p)
@@ -138,6 +145,8 @@ def render_html(report: dict[str, Any], folder: Path) -> str:
                 label = p.removesuffix(".png").removeprefix(prefix) if prefix.endswith("-") else ""
                 parts.append(f"<figure>{img}<figcaption>{_e((label + ': ') if label else '')}{_e(caption)}"
                              "</figcaption></figure>")
+        if grid:
+            parts.append("</div>")
     for p in plots:  # anything else a pass drew
         if p not in done and (img := _img(folder / p)):
             parts.append(f"<figure>{img}<figcaption>{_e(p)}</figcaption></figure>")

@@ -227,6 +227,24 @@ def gate_banner(report: dict[str, Any]) -> tuple[str, str]:
     return "error", f"{report['status'].upper()} (exit code {report['exit_code']}): {report.get('error') or ''}".rstrip(": ")
 
 
+def headline(report: dict[str, Any]) -> str | None:
+    """One sentence under the verdict: the shipped student against the teacher in ONNX Runtime."""
+    ev = report.get("evaluation") or {}
+    variants = ev.get("variants", {})
+    name = shipped_variant(variants)
+    s = variants.get(name)
+    if not s or not s.get("latency_x"):
+        return None
+    metric = ev.get("main_metric", "quality")
+    text = (f"The shipped student ({name}) is {s['latency_x']:.2f}x faster and {_ratio(s.get('size_x'))} smaller than "
+            "the fp32 teacher in ONNX Runtime")
+    base = (ev.get("baselines") or {}).get("teacher-int8-dynamic")
+    if base and base.get("latency_x"):
+        text += f", {s['latency_x'] / base['latency_x']:.2f}x faster than the teacher's dynamic int8"
+    teacher_q = (ev.get("teacher") or {}).get("quality")
+    return text + f"; {metric} {_fmt(s.get('quality'))} against the teacher's {_fmt(teacher_q)}."
+
+
 def gate_rows(report: dict[str, Any]) -> list[list[str]]:
     out = []
     for g in report.get("gates") or []:
@@ -239,28 +257,35 @@ GATE_COLUMNS = ("gate", "verdict", "value", "limit", "detail")
 
 
 def int8_note(report: dict[str, Any]) -> str | None:
-    """One paragraph on static (QDQ) vs dynamic int8 when both students were measured: which is faster, and what
-    ORT runs for each (the ptq pass's `runs_*` counts of the session-optimized graphs)."""
+    """One paragraph on static (QDQ) vs dynamic int8 when both students were timed: which is faster (the ratio of their
+    per-round speedups when the teacher baseline was timed, else of their p50), and what ORT runs for each (the ptq
+    pass's `<method>_runs`: op counts of the session-optimized graphs)."""
     ev = report.get("evaluation") or {}
     v = ev.get("variants", {})
     dyn, sta = v.get("int8-dynamic"), v.get("int8-static")
     if not dyn or not sta or not dyn.get("latency_p50_ms") or not sta.get("latency_p50_ms"):
         return None
+    if dyn.get("latency_x") and sta.get("latency_x"):
+        speed = sta["latency_x"] / dyn["latency_x"]
+        how = (f"static int8 runs at {speed:.2f}x the speed of dynamic int8 ({sta['latency_x']:.2f}x vs "
+               f"{dyn['latency_x']:.2f}x faster than the fp32 teacher, per-round medians)")
+    else:
+        speed = dyn["latency_p50_ms"] / sta["latency_p50_ms"]
+        how = (f"static int8 runs at {speed:.2f}x the speed of dynamic int8 (p50 {sta['latency_p50_ms']:.3g} vs "
+               f"{dyn['latency_p50_ms']:.3g} ms)")
+    text = f"Static vs dynamic int8: {how}."
     ptq = next((p["metrics"] for p in report.get("passes", []) if p["type"] == "ptq"), {})
-    faster, slower = ("static", "dynamic") if sta["latency_p50_ms"] < dyn["latency_p50_ms"] else ("dynamic", "static")
-    ratio = max(sta["latency_p50_ms"], dyn["latency_p50_ms"]) / min(sta["latency_p50_ms"], dyn["latency_p50_ms"])
-    text = (f"Static vs dynamic int8: {faster} int8 is {ratio:.2f}x faster than {slower} at p50 "
-            f"({dyn['latency_p50_ms']:.3g} ms dynamic, {sta['latency_p50_ms']:.3g} ms static, same interleaved rounds).")
     d, s = ptq.get("dynamic_runs"), ptq.get("static_runs")
     if isinstance(d, dict) and isinstance(s, dict):
-        text += (f" In the graphs ONNX Runtime runs: dynamic has {d.get('int8_matmuls', 0)} int8 MatMuls and "
-                 f"{d.get('float_matmuls', 0)} float ones, quantizing activations {d.get('quantize', 0)} times; static has "
-                 f"{s.get('int8_matmuls', 0)} int8 MatMuls, {s.get('float_matmuls', 0)} float ones, and "
-                 f"{s.get('quantize', 0)} QuantizeLinear / {s.get('dequantize', 0)} DequantizeLinear left as separate "
-                 "float<->int8 conversions around them.")
-    why = ptq.get("static_vs_dynamic")
-    if isinstance(why, str):
-        text += " " + why
+        text += (f" What ONNX Runtime runs (the session-optimized graphs): dynamic has {d['int8_matmuls']} int8 MatMul "
+                 f"kernels that quantize their input themselves (or share one of {d['quantize']} DynamicQuantizeLinear) "
+                 f"and take the bias in ({d['add']} Add nodes left), and {d['float_matmuls']} float MatMuls; static has "
+                 f"{s['int8_matmuls']} int8 MatMuls, {s['float_matmuls']} float ones, and around them {s['quantize']} "
+                 f"QuantizeLinear, {s['dequantize']} DequantizeLinear and {s['add']} Add nodes, each one more pass over "
+                 "the activations.")
+        if speed < 1:
+            text += (" At this size those passes cost more than static int8 saves by not measuring activation ranges at "
+                     "run time, so dynamic int8 ships (docs/quantization.md).")
     return text
 
 
@@ -294,6 +319,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("shipped"):
         fs = report.get("final_student") or {}
         lines.append(f"**shipped:** `{report['shipped']}` (the {fs.get('model', fs.get('variant'))} student)  ")
+    if headline(report):
+        lines.append(f"{headline(report)}  ")
     lines.append(f"task: {report['task']}; teacher: `{report['teacher']}`; duration {report['duration_s']:.1f} s  ")
     t = report["target"]
     lines.append(f"target: {t['provider']}, batch {t['batch_size']}, seq {t['seq_len']}, threads {t['threads']}")
@@ -429,7 +456,8 @@ def plot_tradeoff(report: dict[str, Any]) -> Any:
     shipped = shipped_variant(ev.get("variants", {}))
     points = []  # (label, latency, size, quality, kind)
     for name, s in (ev.get("baselines") or {}).items():
-        points.append((name, s.get("latency_p50_ms"), s.get("size_mb"), s.get("quality"), "baseline"))
+        label = name.replace("teacher-", "teacher ", 1) + " (ORT)"
+        points.append((label, s.get("latency_p50_ms"), s.get("size_mb"), s.get("quality"), "baseline"))
     for name, s in ev.get("variants", {}).items():
         if "alias_of" not in s:
             points.append((f"student {name}", s.get("latency_p50_ms"), s.get("size_mb"), s.get("quality"),
@@ -438,7 +466,7 @@ def plot_tradeoff(report: dict[str, Any]) -> Any:
         return None
     style = {"baseline": ("s", "#7f7f7f", 70), "student": ("o", "#4c72b0", 60), "shipped": ("*", "#d62728", 220)}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
-    for ax, idx, xlabel in ((axes[0], 1, "p50 latency on target (ms, log scale)"), (axes[1], 2, "size (MB, log scale)")):
+    for ax, idx, xlabel in ((axes[0], 1, "p50 latency on target (ms, log scale; left is faster)"), (axes[1], 2, "size (MB, log scale; left is smaller)")):
         shown = [p for p in points if p[idx] is not None and p[3] is not None]
         for kind, (marker, color, size) in style.items():
             pts = [p for p in shown if p[4] == kind]
@@ -460,6 +488,12 @@ def plot_tradeoff(report: dict[str, Any]) -> Any:
         if tq is not None:
             ax.axhline(tq, color="k", ls="--", lw=1, label="teacher (PyTorch)")
         ax.set_xscale("log")
+        from matplotlib.ticker import FormatStrFormatter, LogLocator
+
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+        ax.xaxis.set_minor_locator(LogLocator(base=10, subs=(1.5, 4.0, 6.0, 7.0, 8.0, 9.0)))
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(FormatStrFormatter(""))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{metric} ({'higher' if higher else 'lower'} is better)")
         ax.grid(alpha=0.3, which="both")
@@ -472,7 +506,9 @@ def plot_tradeoff(report: dict[str, Any]) -> Any:
             ax.set_ylim(min(ys) - pad, max(ys) + pad)
     axes[0].set_title(f"{metric} vs latency")
     axes[1].set_title(f"{metric} vs size")
-    axes[0].legend(loc="best", fontsize=8)
-    fig.suptitle(f"{report['name']}: teacher and students in ONNX Runtime", y=1.02)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False,
+               bbox_to_anchor=(0.5, -0.06))
+    fig.suptitle(f"{report['name']}: teacher and students in ONNX Runtime", y=1.0)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.97))
     return fig
