@@ -110,10 +110,9 @@ def teacher_baselines(
     fused = False
     mtype = FUSION_MODEL_TYPES.get(getattr(config, "model_type", ""))
     if optimize and mtype:
-        from compress.models import get_adapter
-
-        ad = get_adapter(model)
-        if optimize_onnx(raw, fp32, model_type=mtype, num_heads=ad.num_heads, hidden_size=ad.hidden_size):
+        # from the config: `model` may wrap the HF model (a sentence encoder); 0 lets the optimizer read the shapes
+        heads, hidden = int(getattr(config, "num_attention_heads", 0) or 0), int(getattr(config, "hidden_size", 0) or 0)
+        if optimize_onnx(raw, fp32, model_type=mtype, num_heads=heads, hidden_size=hidden):
             parity = check_parity(model, fp32, example, task=task, atol=atol, min_cosine=min_cosine, threads=threads)
             fused = parity.ok
             if not fused:

@@ -473,8 +473,9 @@ def plot_tradeoff(report: dict[str, Any]) -> Any:
             if pts:
                 ax.scatter([p[idx] for p in pts], [p[3] for p in pts], marker=marker, color=color, s=size, zorder=3,
                            label={"baseline": "teacher (ORT)", "student": "student", "shipped": "shipped student"}[kind])
-        for i, p in enumerate(shown):  # labels alternate above / below so neighbours do not overlap
-            ax.annotate(p[0], (p[idx], p[3]), textcoords="offset points", xytext=(6, 7 if i % 2 == 0 else -13),
+        offsets = ((6, 7), (6, -13), (6, 19), (6, -25))  # cycled in x order so close neighbours do not overlap
+        for i, p in enumerate(sorted(shown, key=lambda p: p[idx])):
+            ax.annotate(p[0], (p[idx], p[3]), textcoords="offset points", xytext=offsets[i % len(offsets)],
                         fontsize=8)
         front, best = [], None
         for p in sorted(shown, key=lambda p: p[idx]):
