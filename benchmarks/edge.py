@@ -80,7 +80,7 @@ def latency_only(args: argparse.Namespace) -> int:
 
     t = json.loads((args.work / "edge" / "report.json").read_text())["target"]
     files = {"desktop int8 dynamic (shipped)": args.work / "desktop" / "student.int8.onnx",
-             "edge int8 static QDQ (shipped)": args.work / "edge" / "student.int8-static.onnx"}
+             "edge int8 static QDQ (shipped)": args.work / "edge" / "student.int8.onnx"}
     p50s = interleaved_p50s(files, t, args)
     for label, v in p50s.items():
         print(f"{label}: p50 {statistics.median(v):.3f} ms (median of {args.rounds} rounds: "
@@ -118,8 +118,8 @@ def main() -> int:
         ("desktop fp32 (fused, dynamic axes)", desk_out / "student.onnx", make_session),
         ("desktop int8 dynamic (shipped)", desk_out / "student.int8.onnx", make_session),
         ("edge fp32 (CoreML file)", edge_out / "student.onnx", make_session),
-        ("edge int8 static QDQ (NNAPI file, shipped)", edge_out / "student.int8-static.onnx", make_session),
-        ("edge int8 static QDQ, .ort", edge_out / "student.int8-static.ort", load_ort_session),
+        ("edge int8 static QDQ (NNAPI file, shipped)", edge_out / "student.int8.onnx", make_session),
+        ("edge int8 static QDQ, .ort", edge_out / "student.int8.ort", load_ort_session),
     ]
     batches = eval_batches(edge_cfg, edge_out, args.eval)
     n = sum(len(b["labels"]) for b in batches)

@@ -60,13 +60,16 @@ class ModelFile:
 
 @dataclass
 class Evaluation:
-    """What `evaluate` measured: the teacher in PyTorch and each model file (by `ModelFile.name`) in ONNX Runtime."""
+    """What `evaluate` measured: the teacher in PyTorch, each model file (by `ModelFile.name`) in ONNX Runtime and
+    the teacher's own ONNX Runtime baselines."""
 
     main_metric: str
     higher_is_better: bool
     examples: int
     teacher: dict[str, Any]
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the teacher in ONNX Runtime (compress.onnx.baselines), by name: `teacher-fp32`, `teacher-int8-dynamic`...
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,7 +85,8 @@ class Evaluation:
         if shipped is not None and shipped.quantized and shipped.name in variants:
             variants[shipped.precision] = dict(variants[shipped.name], alias_of=shipped.name)
         return {"main_metric": self.main_metric, "higher_is_better": self.higher_is_better,
-                "examples": self.examples, "teacher": self.teacher, "variants": variants}
+                "examples": self.examples, "teacher": self.teacher, "variants": variants,
+                "baselines": {name: dict(stats) for name, stats in self.baselines.items()}}
 
 
 @dataclass

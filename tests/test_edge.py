@@ -61,16 +61,17 @@ def test_edge_bert_pipeline(tmp_path):
     out = tmp_path / "out"
     rep = json.loads((out / "report.json").read_text())
     # static shapes from target.edge, on both files
-    for f in ("student.onnx", "student.int8-static.onnx"):
+    assert rep["shipped"] == "student.int8.onnx" and rep["final_student"]["model"] == "int8-static"
+    for f in ("student.onnx", "student.int8.onnx"):  # the shipped int8-static file, written once
         assert _static_inputs(out / f) == {"input_ids": [2, 24], "attention_mask": [2, 24], "token_type_ids": [2, 24]}
         ops = _graph_ops(out / f)
         assert not ops & set(edge.MASK_OPS), ops  # the additive mask path
         assert not ops & {"LayerNormalization", "Erf", "SkipLayerNormalization", "BiasGelu", "Attention",
                           "DynamicQuantizeLinear", "MatMulInteger"}, ops
         assert all(n.domain in ("", "ai.onnx") for n in onnx.load(str(out / f)).graph.node)  # no contrib ops
-    assert {"QuantizeLinear", "DequantizeLinear"} <= _graph_ops(out / "student.int8-static.onnx")
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _graph_ops(out / "student.int8.onnx")
     # weight MatMuls / Gemms in int8, the attention products of two activations left in float
-    g = onnx.load(str(out / "student.int8-static.onnx")).graph
+    g = onnx.load(str(out / "student.int8.onnx")).graph
     made_by = {o: n.op_type for n in g.node for o in n.output}
     float_mm = [n for n in g.node if n.op_type == "MatMul" and not any(made_by.get(i) == "DequantizeLinear" for i in n.input)]
     assert len(float_mm) == 4  # QK^T and PV in each of the 2 layers
@@ -82,11 +83,11 @@ def test_edge_bert_pipeline(tmp_path):
     feed = {"input_ids": np.full((2, 24), 7, np.int64), "attention_mask": np.ones((2, 24), np.int64),
             "token_type_ids": np.zeros((2, 24), np.int64)}
     feed["attention_mask"][1, 10:] = 0
-    for variant in ("fp32", "int8-static"):
+    for variant in ("fp32", "int8"):
         _check_ort_files(out, variant, feed)
     # the usability numbers in the report are ORT's analysis of the shipped files
     variants = rep["evaluation"]["variants"]
-    for variant, f in (("fp32", "student.onnx"), ("int8-static", "student.int8-static.onnx")):
+    for variant, f in (("fp32", "student.onnx"), ("int8-static", "student.int8.onnx")):
         assert variants[variant]["mobile"] == json.loads(json.dumps(edge.mobile_usability(out / f)))
         o = variants[variant]["ort_format"]
         assert o["max_abs_diff_to_onnx"] < 1e-4 and o["quality"] == variants[variant]["quality"]
@@ -122,7 +123,7 @@ def test_edge_qat_exports_a_fixed_shape_qdq_graph_and_its_ort_file(tmp_path):
                       gates={"min_ep_coverage": {"nnapi": 0.95}})
     assert main(["run", str(cfg), "-q"]) == 0
     out = tmp_path / "out"
-    f = out / "student.int8-qat.onnx"
+    f = out / "student.int8.onnx"  # the shipped int8-qat file
     assert _static_inputs(f) == {"input_ids": [2, 24], "attention_mask": [2, 24], "token_type_ids": [2, 24]}
     ops = _graph_ops(f)
     assert not ops & set(edge.MASK_OPS) and not ops & {"LayerNormalization", "Erf", "SkipLayerNormalization"}, ops
@@ -136,7 +137,7 @@ def test_edge_qat_exports_a_fixed_shape_qdq_graph_and_its_ort_file(tmp_path):
     assert qat["parity_max_abs_diff"] < 0.05 and qat["ort_max_abs_diff"] < 1e-3 and qat["fused"] is False
     feed = {"input_ids": np.full((2, 24), 7, np.int64), "attention_mask": np.ones((2, 24), np.int64),
             "token_type_ids": np.zeros((2, 24), np.int64)}
-    _check_ort_files(out, "int8-qat", feed)
+    _check_ort_files(out, "int8", feed)
     nnapi = rep["evaluation"]["variants"]["int8-qat"]["mobile"]["nnapi"]
     assert nnapi["coverage"] == 1.0 and nnapi["partitions"] == 1
 

@@ -40,10 +40,12 @@ def full_run(tmp_path_factory, tiny_bert_dir):
 def test_full_run_outputs(full_run):
     cfg, out, code = full_run
     assert code == 0
-    for f in ("student.onnx", "student.int8.onnx", "student.int8-dynamic.onnx", "report.json", "report.md",
+    for f in ("student.onnx", "student.int8.onnx", "report.json", "report.md", "report.html",
               "junit.xml", "models.png", "compress.log"):
         assert (out / f).is_file(), f
+    assert not (out / "student.int8-dynamic.onnx").exists()  # the shipped int8 model is written once
     rep = _report(out)
+    assert rep["shipped"] == "student.int8.onnx" and rep["files"]["int8-dynamic"] == "student.int8.onnx"
     assert rep["status"] == "passed" and rep["exit_code"] == 0
     assert [p["type"] for p in rep["passes"]] == ["finetune", "export", "ptq", "evaluate"]
     assert all(p["status"] == "ran" for p in rep["passes"])

@@ -369,23 +369,27 @@ def plot_schedule(history: list[dict[str, Any]], path: Path, title: str = "OPTIM
     from matplotlib.figure import Figure
 
     path = Path(path)
-    fig = Figure(figsize=(8, 4.5), dpi=100)
+    fig = Figure(figsize=(9, 4.8), dpi=110)
     FigureCanvasAgg(fig)
     ax_arm, ax_rew = fig.subplots(2, 1, sharex=True)
     xs = [e["round"] for e in history for _ in e["arms"]]
     ys = [a for e in history for a in e["arms"]]
     if history:
-        ax_arm.scatter(xs, ys, s=12, c=ys, cmap="viridis", vmin=0, vmax=max(max(ys), 1))
+        ax_arm.scatter(xs, ys, s=60, marker="s", c=ys, cmap="viridis", vmin=0, vmax=max(max(ys), 1), zorder=3)
         arms_seen = sorted(set(ys))
-        ax_arm.set_yticks(arms_seen)
+        counts = {a: ys.count(a) for a in arms_seen}
+        ax_arm.set_yticks(arms_seen, [f"module {a} ({counts[a]}x)" for a in arms_seen])
+        ax_arm.set_ylim(min(arms_seen) - 0.6, max(arms_seen) + 0.6)
+        ax_arm.grid(axis="y", alpha=0.3)
         rewarded = [(e["round"], e["reward"]) for e in history if e.get("reward") is not None]
         if rewarded:
             rx, ry = zip(*rewarded)
-            ax_rew.plot(rx, ry, marker=".", lw=1)
+            ax_rew.plot(rx, ry, marker="o", ms=4, lw=1)
             ax_rew.axhline(0.0, color="grey", lw=0.5)
+            ax_rew.grid(alpha=0.3)
     else:
         ax_arm.text(0.5, 0.5, "no rounds", ha="center", va="center", transform=ax_arm.transAxes)
-    ax_arm.set_ylabel("module")
+    ax_arm.set_ylabel("module trained")
     ax_rew.set_ylabel("reward")
     ax_rew.set_xlabel("round")
     ax_arm.set_title(title)

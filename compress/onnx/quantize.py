@@ -220,6 +220,7 @@ def quantize_static_qdq(
     activations: str = "uint8",
     reduce_range: bool = False,
     weight_matmuls_only: bool = False,
+    float_outputs: bool = False,
 ) -> Path:
     """Static int8 in QDQ format: QuantizeLinear/DequantizeLinear pairs around `op_types` (None: every op ORT
     can quantize), activation ranges calibrated with `method` (minmax, entropy, percentile) over the given
@@ -229,6 +230,9 @@ def quantize_static_qdq(
     `reduce_range`: 7-bit weights and activations (x86 CPUs without VNNI).
     `weight_matmuls_only`: quantize only MatMuls with a constant weight, leaving the attention products of two
     activations in float (the edge profile, docs/edge.md).
+    `float_outputs`: no QuantizeLinear on the outputs of the quantized MatMul/Gemm: ORT then runs DQ -> MatMul as one
+    MatMulIntegerToFloat kernel instead of QLinearMatMul followed by a DequantizeLinear back to float for the bias Add,
+    LayerNorm or GELU after it (docs/quantization.md).
     Pre-processing runs in a temporary folder, so nothing is left in the working directory."""
     if activations not in ("uint8", "int8"):
         raise InputError(f"ptq.activations: '{activations}' is not uint8 or int8")
@@ -250,6 +254,8 @@ def quantize_static_qdq(
         reader = CalibrationReader.for_model(model_in, batches)
         ops = list(op_types) if op_types else None
         extra: dict[str, Any] = {}
+        if float_outputs:  # DQ -> MatMul with a float output: ORT runs it as one MatMulIntegerToFloat kernel
+            extra["OpTypesToExcludeOutputQuantization"] = [op for op in (ops or DEFAULT_OP_TYPES) if op in ("MatMul", "Gemm")]
         cache: Path | None = None
         # ORT's MatMulConstBOnly is not read by its QDQ quantizer: the MatMuls of two activations are excluded by name
         skip = _activation_matmuls(model_in) if weight_matmuls_only else []
@@ -300,3 +306,21 @@ def quantized_op_counts(path: Path) -> dict[str, int]:
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
 
+
+
+INT8_MATMULS = ("QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulInteger", "QGemm", "QAttention")
+FLOAT_MATMULS = ("MatMul", "FusedMatMul", "Gemm", "FusedGemm")
+
+
+def runtime_summary(path: Path, optimized: Path, *, threads: int = 1) -> dict[str, int]:
+    """What ONNX Runtime actually runs for a quantized model (the CPU session's optimized graph, written to
+    `optimized`): int8 and float MatMul kernels, the standalone (Dynamic)QuantizeLinear and DequantizeLinear nodes
+    left as float<->int8 conversions, and the Adds (bias adds a fused kernel would take in)."""
+    from compress.quant.export import optimized_op_counts
+
+    c = optimized_op_counts(path, optimized, threads=threads)
+    optimized.unlink(missing_ok=True)
+    return {"int8_matmuls": sum(c.get(k, 0) for k in INT8_MATMULS),
+            "float_matmuls": sum(c.get(k, 0) for k in FLOAT_MATMULS),
+            "quantize": c.get("QuantizeLinear", 0) + c.get("DynamicQuantizeLinear", 0),
+            "dequantize": c.get("DequantizeLinear", 0), "add": c.get("Add", 0), "nodes": sum(c.values())}

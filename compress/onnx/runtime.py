@@ -308,3 +308,57 @@ def measure_latency(
              "std_ms": float(arr.std()), "runs": int(arr.size)}
     log.debug("latency of %s on %s (threads %s): %s", path, provider, threads, stats)
     return stats
+
+
+def measure_latency_rounds(
+    models: Mapping[str, Path],
+    inputs: Mapping[str, Mapping[str, Any]],
+    *,
+    provider: str = "CPUExecutionProvider",
+    threads: int | None = None,
+    warmup: int = 10,
+    runs: int = 50,
+    rounds: int = 5,
+    reference: str | None = None,
+) -> dict[str, dict[str, float]]:
+    """measure_latency for several models at once, fair on a noisy host: every session is made and warmed up
+    first, then `rounds` rounds each time every model `runs / rounds` times (the order rotating from round to
+    round), so a slow phase of the machine hits all of them alike. `inputs` maps each name to its feed.
+
+    Returns, per name, what measure_latency returns (p50/p90 over all its timed runs) plus, with a `reference`
+    name, `speedup`: the median over rounds of (reference's round median / this model's round median)."""
+    if runs < 1 or warmup < 0 or rounds < 1:
+        raise InputError(f"target.runs: need runs >= 1, warmup >= 0 and rounds >= 1 (got {runs}, {warmup}, {rounds})")
+    names = list(models)
+    if reference is not None and reference not in models:
+        raise ValueError(f"reference '{reference}' is not one of the models timed ({', '.join(names)})")
+    sessions = {n: make_session(models[n], provider=provider, threads=threads) for n in names}
+    feeds = {n: prepare_feed(inputs[n], input_specs(s)) for n, s in sessions.items()}
+    outs = {n: [o.name for o in s.get_outputs()] for n, s in sessions.items()}
+    for n in names:
+        for _ in range(warmup):
+            sessions[n].run(outs[n], feeds[n])
+    per_round = max(1, -(-runs // rounds))
+    times: dict[str, list[float]] = {n: [] for n in names}
+    medians: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            sess, feed, out = sessions[n], feeds[n], outs[n]
+            got = []
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                sess.run(out, feed)
+                got.append((time.perf_counter() - t0) * 1e3)
+            times[n] += got
+            medians[n].append(float(np.median(got)))
+    result: dict[str, dict[str, float]] = {}
+    for n in names:
+        arr = np.asarray(times[n], dtype=np.float64)
+        p50, p90 = np.percentile(arr, [50, 90])
+        result[n] = {"p50_ms": float(p50), "p90_ms": float(p90), "mean_ms": float(arr.mean()), "min_ms": float(arr.min()),
+                     "std_ms": float(arr.std()), "runs": int(arr.size), "rounds": rounds}
+        if reference is not None:
+            ratios = [a / b for a, b in zip(medians[reference], medians[n]) if b > 0]
+            result[n]["speedup"] = float(np.median(ratios)) if ratios else float("nan")
+    log.debug("interleaved latency (%d rounds, threads %s): %s", rounds, threads, result)
+    return result

@@ -1,8 +1,11 @@
 """evaluate: every ONNX student in ONNX Runtime on data.eval (task quality and fidelity to the teacher),
-latency on `target`, size on disk and parameter count; the teacher in PyTorch as the reference."""
+latency on `target`, size on disk and parameter count; the teacher in PyTorch as the reference, and the teacher in
+ONNX Runtime (fused fp32, dynamic int8: compress.onnx.baselines) as the baselines the ratios are taken against.
+Every ONNX model, teacher and students, is timed in the same interleaved rounds."""
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -11,9 +14,11 @@ from compress.artifact import Artifact, Evaluation
 from compress.contracts import Kind
 from compress.errors import InputError
 from compress.passes.base import Pass, PassConfig, PassContext
-from compress.passes.common import model_inputs, task_batches
+from compress.passes.common import first_split, model_inputs, task_batches
 from compress.registry import register
 from compress.tasks import get_task
+
+log = logging.getLogger(__name__)
 
 
 class EvaluateConfig(PassConfig):
@@ -21,6 +26,16 @@ class EvaluateConfig(PassConfig):
     batch_size: int = Field(32, gt=0, description="Evaluation batch size.")
     latency: bool = Field(True, description="Measure ORT latency on `target`.")
     variants: list[str] | None = Field(None, description="Which ONNX students to evaluate (default: all, e.g. fp32, int8-dynamic, int8-static; int8 is the shipped one).")
+    teacher_baselines: bool = Field(
+        True, description="Also measure the teacher in ONNX Runtime: fp32 from ORT's transformer-optimized graph and its "
+        "dynamic int8 (the baseline a user would otherwise ship), with the students' ratios against the fp32 teacher "
+        "(compress.onnx.baselines). Skipped, with the reason in the metrics, for causal-lm decoders and edge targets.")
+    baseline_methods: list[Literal["dynamic", "static"]] = Field(
+        default_factory=lambda: ["dynamic"], description="Quantized teacher baselines made next to the fp32 one "
+        "(static: QDQ U8S8 calibrated on data.calibration, else data.train).")
+    latency_rounds: int = Field(5, gt=0, description="Teacher and students are timed interleaved, in this many rounds of "
+                                "target.runs / rounds runs each (a noisy host slows them alike); ratios are the median "
+                                "of the per-round ratios.")
 
 
 @register
@@ -32,7 +47,9 @@ class Evaluate(Pass):
     # 2: quality_drop of perplexity is absolute (student minus teacher), as documented; was relative
     # 3: reads and writes typed model-file records and the typed evaluation
     # 4: causal-lm decoders: top-1 agreement / perplexity increase vs fp32, prefill ms, decode tokens/s
-    version = "4"
+    # 5: the teacher in ORT (fp32 fused, dynamic int8) as baselines; all models timed interleaved in rounds;
+    #    latency_x / size_x against the fp32 ORT teacher
+    version = "5"
     uses_data = ("eval",)
     uses_target = True
     consumes = (Kind.ONNX, Kind.TEACHER)
@@ -43,7 +60,7 @@ class Evaluate(Pass):
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
         from compress.models.loading import count_params, folder_size_mb
-        from compress.onnx.runtime import make_session, measure_latency, onnx_size_mb
+        from compress.onnx.runtime import make_session, onnx_size_mb
 
         cfg: EvaluateConfig = self.config  # type: ignore[assignment]
         task = get_task(ctx.run.model.task)
@@ -108,6 +125,12 @@ class Evaluate(Pass):
         outputs: dict[str, list[torch.Tensor]] = {}
         from compress.onnx.edge import edge_stats, fixed_latency_inputs, run_fixed
 
+        baselines = self._baselines(artifact, ctx, teacher, t_batches, t_out, teacher_scores, score, evaluation)
+        timed: dict[str, Any] = {}  # name -> (path, latency inputs), teacher baselines first
+        for b in baselines:
+            timed[BASELINE_PREFIX + b.name] = (b.path, task.synthetic_inputs(
+                teacher.config, batch_size=t.batch_size, seq_len=t.seq_len, image_size=t.image_size))
+
         with ctx.progress.task(f"{ctx.label}: ONNX Runtime", total=len(models)) as bar:
             for m in models:
                 sess = make_session(m.path, provider=t.provider, threads=t.threads)
@@ -124,23 +147,100 @@ class Evaluate(Pass):
                 if ctx.run.target.edge is not None:  # mobile usability per EP, the .ort file's quality (docs/edge.md)
                     stats.update(edge_stats(m.path, [model_inputs(b) for b in batches], s_out,
                                             lambda outs: score(batches, outs, t_out), metric, t.threads))
-                if cfg.latency:
-                    lat = measure_latency(m.path, fixed_latency_inputs(m.path, lat_inputs), provider=t.provider, threads=t.threads,
-                                          warmup=t.warmup, runs=t.runs)
-                    stats.update(latency_p50_ms=lat["p50_ms"], latency_p90_ms=lat["p90_ms"], latency_mean_ms=lat["mean_ms"])
+                timed[m.name] = (m.path, fixed_latency_inputs(m.path, lat_inputs))
                 evaluation.models[m.name] = stats
                 bar.advance(status=f"{m.name}: {metric} {q:.4g}")
+        if cfg.latency:
+            self._latency(ctx, timed, evaluation)
         if outputs:  # decoders: quantized vs fp32 agreement and perplexity, prefill ms and decode tokens/s
             from compress.onnx.decoder import causal_lm_stats
 
             causal_lm_stats(evaluation, models, outputs, batches, t, latency=cfg.latency)
-        variants = evaluation.report(artifact.shipped())["variants"]
+        rep = evaluation.report(artifact.shipped())
         ctx.metrics.update(
-            {f"{name}.{k}": v for name, s in variants.items() for k, v in s.items()
-             if isinstance(v, (int, float)) and k in ("quality", "fidelity", "latency_p50_ms", "size_mb")},
+            {f"{name}.{k}": v for name, s in {**rep["variants"], **rep["baselines"]}.items() for k, v in s.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)
+             and k in ("quality", "fidelity", "latency_p50_ms", "size_mb", "latency_x")},
             teacher_quality=evaluation.teacher["quality"],
         )
         return artifact.replace(evaluation=evaluation)
+
+    # ---------------------------------------------------------------------------------------------- baselines
+    def _baselines(self, artifact: Artifact, ctx: PassContext, teacher: Any, t_batches: list[Any], t_out: list[Any],
+                   teacher_scores: dict[str, Any], score: Any, evaluation: Evaluation) -> list[Any]:
+        """The teacher in ORT (compress.onnx.baselines), scored on the teacher's eval batches: quality, fidelity to the
+        PyTorch teacher, size, params. Files in this step's out_dir (cached with it). [] when they do not apply."""
+        from compress.models.loading import count_params
+        from compress.onnx.baselines import teacher_baselines, why_not
+        from compress.onnx.edge import run_fixed
+        from compress.onnx.runtime import make_session, onnx_size_mb
+
+        cfg: EvaluateConfig = self.config  # type: ignore[assignment]
+        run = ctx.run
+        if not cfg.teacher_baselines:
+            return []
+        reason = why_not(run.model.task, edge=run.target.edge is not None)
+        if reason is None and artifact.teacher_dir is None:
+            reason = "teacher baselines: the artifact has no teacher folder"
+        if reason is None and "static" in cfg.baseline_methods and first_split(ctx, "calibration", "train") is None:
+            reason = "teacher baselines: static int8 needs data.calibration or data.train"
+        if reason is not None:
+            log.info("%s: %s", ctx.label, reason)
+            ctx.metrics["teacher_baselines"] = reason
+            return []
+        from compress.embed.hooks import export_model
+
+        traced, output_name = export_model(teacher, artifact.teacher_dir, run)  # a sentence encoder, or the teacher
+        example = {k: v[:2] for k, v in model_inputs(t_batches[0]).items()}
+        calib = None
+        if "static" in cfg.baseline_methods:
+            from compress.models.loading import load_preprocessor
+
+            split = first_split(ctx, "calibration", "train")
+            calib = [model_inputs(b) for b in task_batches(ctx, split, load_preprocessor(str(artifact.teacher_dir)),
+                                                           batch_size=8, limit=128, model=teacher)]
+        with ctx.progress.task(f"{ctx.label}: teacher baselines (export, fuse, quantize)", total=None):
+            made = teacher_baselines(artifact.teacher_dir, run.model.task, ctx.out_dir / "baselines", run.target,
+                                     methods=("fp32", *cfg.baseline_methods), calibration=calib, model=traced,
+                                     example_inputs=example, output_name=output_name)
+        metric, higher = evaluation.main_metric, evaluation.higher_is_better
+        params = count_params(teacher)
+        for b in made:
+            sess = make_session(b.path, provider=run.target.provider, threads=run.target.threads)
+            outs = [torch.from_numpy(next(iter(run_fixed(sess, model_inputs(x)).values()))) for x in t_batches]
+            scores = score(t_batches, outs, t_out)
+            q, tq = scores[metric], teacher_scores[metric]
+            evaluation.baselines[BASELINE_PREFIX + b.name] = {
+                "quality": q, **scores, "quality_drop": (tq - q) if higher else (q - tq), "size_mb": onnx_size_mb(b.path),
+                "params": params, "label": b.label, "precision": b.precision, "method": b.method, "fused": b.fused}
+        ctx.metrics["teacher_baselines"] = [BASELINE_PREFIX + b.name for b in made]
+        return made
+
+    def _latency(self, ctx: PassContext, timed: dict[str, Any], evaluation: Evaluation) -> None:
+        """Every model in `timed` timed interleaved (compress.onnx.runtime.measure_latency_rounds); ratios against the
+        fp32 ORT teacher when it was made: latency_x (median of per-round ratios) and size_x."""
+        from compress.onnx.runtime import measure_latency_rounds
+
+        cfg: EvaluateConfig = self.config  # type: ignore[assignment]
+        t = ctx.run.target
+        ref = BASELINE_PREFIX + "fp32"
+        ref = ref if ref in timed else None
+        with ctx.progress.task(f"{ctx.label}: latency ({len(timed)} models, {cfg.latency_rounds} interleaved rounds)",
+                               total=None):
+            lat = measure_latency_rounds({n: p for n, (p, _) in timed.items()}, {n: i for n, (_, i) in timed.items()},
+                                         provider=t.provider, threads=t.threads, warmup=t.warmup, runs=t.runs,
+                                         rounds=cfg.latency_rounds, reference=ref)
+        ref_size = evaluation.baselines[ref]["size_mb"] if ref else None
+        for name, s in lat.items():
+            stats = evaluation.baselines.get(name) if name.startswith(BASELINE_PREFIX) else evaluation.models[name]
+            assert stats is not None
+            stats.update(latency_p50_ms=s["p50_ms"], latency_p90_ms=s["p90_ms"], latency_mean_ms=s["mean_ms"],
+                         latency_rounds=s["rounds"])
+            if ref is not None:
+                stats.update(latency_x=s["speedup"], size_x=ref_size / stats["size_mb"] if stats.get("size_mb") else None)
+
+
+BASELINE_PREFIX = "teacher-"  # evaluation.baselines keys: teacher-fp32, teacher-int8-dynamic, teacher-int8-static
 
 
 def _output(out: Any, name: str) -> torch.Tensor:

@@ -45,6 +45,11 @@ class PTQConfig(PassConfig):
     reduce_range: bool = Field(
         False, description="7-bit weights (and, static, 7-bit activations): for x86 CPUs without VNNI, where u8s8 "
         "int8 products summed in int16 can saturate (docs/quantization.md).")
+    static_outputs: Literal["float", "int8"] = Field(
+        "float", description="Static int8: what a quantized MatMul/Gemm outputs. float: no QuantizeLinear after it, "
+        "so ORT runs DQ -> MatMul as one MatMulIntegerToFloat kernel (fewer float<->int8 conversions, "
+        "docs/quantization.md); int8: Q/DQ on outputs too (QLinearMatMul; what NNAPI/CoreML node units want, always "
+        "used on edge targets).")
     calibration_examples: int = Field(128, gt=0, description="Examples read from data.calibration (else data.train).")
     batch_size: int = Field(8, gt=0, description="Calibration batch size.")
 
@@ -55,7 +60,9 @@ class PTQ(Pass):
 
     type = "ptq"
     Config = PTQConfig
-    version = "6"  # 4: typed model-file records in the artifact; 5: reduce_range; 6: int4 weight-only
+    # 4: typed model-file records in the artifact; 5: reduce_range; 6: int4 weight-only; 7: static int8 MatMuls with
+    # float outputs (MatMulIntegerToFloat) by default, what ORT runs per method in the metrics
+    version = "7"
     uses_data = ("calibration", "train")
     uses_edge = True  # target.edge: weight MatMuls only, LayerNorm spelled out again, .ort (pipeline cache key)
     consumes = (Kind.ONNX_FP32,)
@@ -124,9 +131,10 @@ class PTQ(Pass):
                     quantize_dynamic_int8(src, dst, op_types=op_types, reduce_range=cfg.reduce_range)
                 else:
                     assert calib is not None
+                    edge = ctx.run.target.edge is not None
                     quantize_static_qdq(src, dst, calib, per_channel=cfg.per_channel, method=cfg.calibration,
                                         op_types=op_types, activations=cfg.activations, reduce_range=cfg.reduce_range,
-                                        weight_matmuls_only=ctx.run.target.edge is not None)
+                                        weight_matmuls_only=edge, float_outputs=cfg.static_outputs == "float" and not edge)
                 made[method] = dst
                 bar.advance()
         if ctx.run.target.edge is not None and calib:  # LayerNorm spelled out again, the .ort file (docs/edge.md)
@@ -149,6 +157,11 @@ class PTQ(Pass):
                 ctx.metrics[f"{method}_cosine_to_fp32"] = cos
         for method, path in made.items():
             ctx.metrics[f"{method}_size_mb"] = onnx_size_mb(path)
+            if method != "int4" and ctx.run.target.edge is None:  # what ORT runs (the report's static vs dynamic note)
+                from compress.onnx.quantize import runtime_summary
+
+                ctx.metrics[f"{method}_runs"] = runtime_summary(path, ctx.work_dir / f"{method}.optimized.onnx",
+                                                                threads=ctx.run.target.threads or 1)
         ctx.metrics["fp32_size_mb"] = onnx_size_mb(src)
         return artifact.replace(models=models)
 

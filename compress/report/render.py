@@ -35,6 +35,15 @@ def onnx_file_name(variant: str) -> str:
     return "student.onnx" if variant == "fp32" else f"student.{variant}.onnx"
 
 
+def model_file_names(artifact: Artifact | None) -> dict[str, str]:
+    """The file each ONNX model is written as in the run folder, by model name: the shipped quantized model as
+    `student.<precision>.onnx` (student.int8.onnx: one file, not a second copy under its method's name), every
+    other one as `student.<name>.onnx` (student.onnx for fp32, student.int8-static.onnx...)."""
+    if artifact is None:
+        return {}
+    return {m.name: onnx_file_name(m.precision if m.shipped else m.name) for m in artifact.models}
+
+
 def build_report(
     run: RunConfig,
     records: list[StepRecord],
@@ -45,6 +54,7 @@ def build_report(
     started: float,
 ) -> dict[str, Any]:
     final = artifact.shipped() if artifact else None
+    files = model_file_names(artifact)
     return {
         "schema": REPORT_SCHEMA,
         "name": run.name,
@@ -72,7 +82,10 @@ def build_report(
             for r in records
         ],
         "evaluation": artifact.evaluation.report(final) if artifact and artifact.evaluation else None,
-        "final_student": {"variant": final.precision, "file": onnx_file_name(final.precision)} if final else None,
+        "final_student": {"variant": final.precision, "model": final.name, "file": files[final.name]} if final else None,
+        # the one file that ships (also final_student.file) and each model's file in the run folder
+        "shipped": files[final.name] if final else None,
+        "files": files,
         "gates": gates,
         "versions": versions(),
     }
@@ -104,28 +117,56 @@ def write_outputs(out: Path, report: dict[str, Any], artifact: Artifact | None, 
     if artifact is not None:
         from compress.onnx.edge import sidecars
 
+        files = report.get("files") or model_file_names(artifact)
+        written: set[str] = set()
         for m in artifact.models:
-            _atomic_copy(Path(m.path), out / onnx_file_name(m.name))
-            for src, name in sidecars(Path(m.path), onnx_file_name(m.name)):  # edge: .ort + operator config
-                _atomic_copy(src, out / name)
-            if m.shipped:
-                _atomic_copy(Path(m.path), out / onnx_file_name(m.precision))
+            name = files[m.name]
+            _atomic_copy(Path(m.path), out / name)
+            written.add(name)
+            for src, side in sidecars(Path(m.path), name):  # edge: .ort + operator config
+                _atomic_copy(src, out / side)
+                written.add(side)
+        for old in out.glob("student*.onnx"):  # an earlier run's models (e.g. a second copy of the shipped one)
+            if old.name not in written:
+                old.unlink()
+                for side in out.glob(old.name.removesuffix(".onnx") + ".*"):
+                    if side.name not in written and side.suffix in (".ort", ".config", ".data"):
+                        side.unlink()
         if artifact.model_dir is not None and report["status"] in ("passed", "gate_failed"):
             _atomic_copy(Path(artifact.model_dir), out / "model")
     plots = write_plots(out, report, records)
     report["plots"] = plots
     _atomic_write(out / "report.json", json.dumps(report, indent=2, default=str))
+    render_outputs(out, report)
+
+
+def render_outputs(out: Path, report: dict[str, Any]) -> None:
+    """report.md, report.html (plots read from `out` and embedded) and junit.xml from one report dict (report.json):
+    also what re-renders an existing run folder."""
+    from compress.report.html import render_html
+
     _atomic_write(out / "report.md", render_markdown(report))
+    _atomic_write(out / "report.html", render_html(report, out))
     _atomic_write(out / "junit.xml", render_junit(report))
 
 
-# ------------------------------------------------------------------------------------------ markdown
+# ------------------------------------------------------------------------------------------ tables
 def _fmt(v: Any, digits: int = 4) -> str:
     if v is None:
         return "-"
+    if isinstance(v, bool):
+        return str(v)
     if isinstance(v, float):
+        if v != v:  # NaN
+            return "-"
         return f"{v:.{digits}g}" if abs(v) < 1e5 else f"{v:.3e}"
+    if isinstance(v, int) and abs(v) >= 10_000:
+        return f"{v / 1e6:.2f}M"
     return str(v)
+
+
+def _ratio(v: Any) -> str:
+    return "-" if not isinstance(v, (int, float)) or v != v else f"{v:.2f}x"
 
 
 def shipped_variant(variants: dict[str, Any]) -> str:
@@ -136,55 +177,171 @@ def shipped_variant(variants: dict[str, Any]) -> str:
     return "fp32"
 
 
-def variants_table(evaluation: dict[str, Any] | None) -> str:
-    if not evaluation:
-        return ""
-    metric = evaluation.get("main_metric", "quality")
-    rows = [
-        f"| model | {metric} | fidelity | p50 ms | p90 ms | size MB | params |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    t = evaluation.get("teacher", {})
-    rows.append(
-        f"| teacher (PyTorch) | {_fmt(t.get('quality'))} | 1 | - | - | {_fmt(t.get('size_mb'))} | {_fmt(t.get('params'))} |"
-    )
-    variants = evaluation.get("variants", {})
+MODEL_COLUMNS = ("model", "file", "params", "size MB", "size x", "p50 ms", "p90 ms", "latency x", "{metric}", "fidelity")
+
+
+def model_rows(report: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The models table as (header, rows), shared by report.md and report.html: the teacher in PyTorch (the quality
+    reference), the teacher in ONNX Runtime (fp32 fused, int8: the baselines; `x` columns are ratios against the
+    fp32 ORT teacher: how many times smaller / faster), then every ONNX student. Each row: `cells` (strings, in
+    header order), `kind` (reference | baseline | student), `shipped`."""
+    ev = report.get("evaluation")
+    if not ev:
+        return [], []
+    metric = ev.get("main_metric", "quality")
+    header = [c.format(metric=metric) for c in MODEL_COLUMNS]
+    rows: list[dict[str, Any]] = []
+
+    def row(label: str, s: dict[str, Any], kind: str, file: str = "", shipped: bool = False, fidelity: Any = None) -> None:
+        cells = [label, file, _fmt(s.get("params")), _fmt(s.get("size_mb")), _ratio(s.get("size_x")),
+                 _fmt(s.get("latency_p50_ms")), _fmt(s.get("latency_p90_ms")), _ratio(s.get("latency_x")),
+                 _fmt(s.get("quality")), _fmt(s.get("fidelity") if fidelity is None else fidelity)]
+        rows.append({"cells": cells, "kind": kind, "shipped": shipped})
+
+    row("teacher (PyTorch)", ev.get("teacher", {}), "reference", fidelity=1)
+    for name, s in (ev.get("baselines") or {}).items():
+        row(s.get("label") or name, s, "baseline")
+    variants = ev.get("variants", {})
     shipped = shipped_variant(variants)
+    files = report.get("files") or {}
     for name, s in variants.items():
         if "alias_of" in s:
             continue
-        rows.append(
-            f"| student {name} (ORT){' **shipped**' if name == shipped else ''} | {_fmt(s.get('quality'))} | {_fmt(s.get('fidelity'))} | "
-            f"{_fmt(s.get('latency_p50_ms'))} | {_fmt(s.get('latency_p90_ms'))} | {_fmt(s.get('size_mb'))} | "
-            f"{_fmt(s.get('params'))} |"
-        )
-    return "\n".join(rows)
+        row(f"student {name} (ORT)" + (" [shipped]" if name == shipped else ""), s, "student", files.get(name, ""),
+            shipped=name == shipped)
+    return header, rows
+
+
+def gate_banner(report: dict[str, Any]) -> tuple[str, str]:
+    """(state, one line) for the top of the report: state is pass, fail or error."""
+    gates = report.get("gates") or []
+    failed = [g["name"] for g in gates if g["passed"] is False]
+    skipped = [g["name"] for g in gates if g["passed"] is None]
+    if report["status"] == "passed":
+        text = f"PASSED: {len(gates)} gate(s) pass" if gates else "PASSED (no gates configured)"
+        if skipped:
+            text += f"; {len(skipped)} skipped ({', '.join(skipped)})"
+        return "pass", text
+    if report["status"] == "gate_failed":
+        return "fail", f"FAILED: gate(s) {', '.join(failed)} failed ({len(gates) - len(failed)} of {len(gates)} pass)"
+    return "error", f"{report['status'].upper()} (exit code {report['exit_code']}): {report.get('error') or ''}".rstrip(": ")
+
+
+def headline(report: dict[str, Any]) -> str | None:
+    """One sentence under the verdict: the shipped student against the teacher in ONNX Runtime."""
+    ev = report.get("evaluation") or {}
+    variants = ev.get("variants", {})
+    name = shipped_variant(variants)
+    s = variants.get(name)
+    if not s or not s.get("latency_x"):
+        return None
+    metric = ev.get("main_metric", "quality")
+    text = (f"The shipped student ({name}) is {s['latency_x']:.2f}x faster and {_ratio(s.get('size_x'))} smaller than "
+            "the fp32 teacher in ONNX Runtime")
+    base = (ev.get("baselines") or {}).get("teacher-int8-dynamic")
+    if base and base.get("latency_x"):
+        text += f", {s['latency_x'] / base['latency_x']:.2f}x faster than the teacher's dynamic int8"
+    teacher_q = (ev.get("teacher") or {}).get("quality")
+    return text + f"; {metric} {_fmt(s.get('quality'))} against the teacher's {_fmt(teacher_q)}."
+
+
+def gate_rows(report: dict[str, Any]) -> list[list[str]]:
+    out = []
+    for g in report.get("gates") or []:
+        verdict = "skipped" if g["passed"] is None else ("pass" if g["passed"] else "FAIL")
+        out.append([g["name"], verdict, _fmt(g.get("value")), _fmt(g.get("limit")), g["detail"]])
+    return out
+
+
+GATE_COLUMNS = ("gate", "verdict", "value", "limit", "detail")
+
+
+def int8_note(report: dict[str, Any]) -> str | None:
+    """One paragraph on static (QDQ) vs dynamic int8 when both students were timed: which is faster (the ratio of their
+    per-round speedups when the teacher baseline was timed, else of their p50), and what ORT runs for each (the ptq
+    pass's `<method>_runs`: op counts of the session-optimized graphs)."""
+    ev = report.get("evaluation") or {}
+    v = ev.get("variants", {})
+    dyn, sta = v.get("int8-dynamic"), v.get("int8-static")
+    if not dyn or not sta or not dyn.get("latency_p50_ms") or not sta.get("latency_p50_ms"):
+        return None
+    if dyn.get("latency_x") and sta.get("latency_x"):
+        speed = sta["latency_x"] / dyn["latency_x"]
+        how = (f"static int8 runs at {speed:.2f}x the speed of dynamic int8 ({sta['latency_x']:.2f}x vs "
+               f"{dyn['latency_x']:.2f}x faster than the fp32 teacher, per-round medians)")
+    else:
+        speed = dyn["latency_p50_ms"] / sta["latency_p50_ms"]
+        how = (f"static int8 runs at {speed:.2f}x the speed of dynamic int8 (p50 {sta['latency_p50_ms']:.3g} vs "
+               f"{dyn['latency_p50_ms']:.3g} ms)")
+    text = f"Static vs dynamic int8: {how}."
+    ptq = next((p["metrics"] for p in report.get("passes", []) if p["type"] == "ptq"), {})
+    d, s = ptq.get("dynamic_runs"), ptq.get("static_runs")
+    if isinstance(d, dict) and isinstance(s, dict):
+        text += (f" What ONNX Runtime runs (the session-optimized graphs): dynamic has {d['int8_matmuls']} int8 MatMul "
+                 f"kernels that quantize their input themselves (or share one of {d['quantize']} DynamicQuantizeLinear) "
+                 f"and take the bias in ({d['add']} Add nodes left), and {d['float_matmuls']} float MatMuls; static has "
+                 f"{s['int8_matmuls']} int8 MatMuls, {s['float_matmuls']} float ones, and around them {s['quantize']} "
+                 f"QuantizeLinear, {s['dequantize']} DequantizeLinear and {s['add']} Add nodes, each one more pass over "
+                 "the activations.")
+        if speed < 1:
+            text += (" At this size those passes cost more than static int8 saves by not measuring activation ranges at "
+                     "run time, so dynamic int8 ships (docs/quantization.md).")
+    return text
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    esc = [[c.replace("|", "\\|") for c in r] for r in rows]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in esc)]
+
+
+def variants_table(evaluation: dict[str, Any] | None) -> str:
+    header, rows = model_rows({"evaluation": evaluation})
+    return "\n".join(_md_table(header, [r["cells"] for r in rows])) if rows else ""
+
+
+def pass_rows(report: dict[str, Any]) -> list[list[str]]:
+    out = []
+    for p in report["passes"]:
+        flat = {k: v for k, v in p["metrics"].items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)
+                and "." not in k}
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(flat.items())[:6])
+        out.append([p["label"], p["status"], f"{p['duration_s']:.1f}", shown])
+    return out
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     lines = [f"# compress report: {report['name']}", ""]
-    lines.append(f"**status:** {report['status']} (exit code {report['exit_code']})  ")
+    state, banner = gate_banner(report)
+    lines.append(f"**{banner}**")
+    lines.append("")
+    if report.get("gates"):
+        lines += _md_table(list(GATE_COLUMNS), gate_rows(report)) + [""]
+    if report.get("shipped"):
+        fs = report.get("final_student") or {}
+        lines.append(f"**shipped:** `{report['shipped']}` (the {fs.get('model', fs.get('variant'))} student)  ")
+    if headline(report):
+        lines.append(f"{headline(report)}  ")
     lines.append(f"task: {report['task']}; teacher: `{report['teacher']}`; duration {report['duration_s']:.1f} s  ")
     t = report["target"]
     lines.append(f"target: {t['provider']}, batch {t['batch_size']}, seq {t['seq_len']}, threads {t['threads']}")
-    if report.get("error"):
+    if report.get("error") and state != "fail":
         lines += ["", f"> {report['error']}"]
-    table = variants_table(report.get("evaluation"))
-    if table:
-        lines += ["", "## Models", "", table]
-    lines += ["", "## Passes", "", "| pass | status | duration s | key metrics |", "|---|---|---|---|"]
-    for p in report["passes"]:
-        flat = {k: v for k, v in p["metrics"].items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(flat.items())[:6])
-        lines.append(f"| {p['label']} | {p['status']} | {p['duration_s']:.1f} | {shown} |")
+    header, rows = model_rows(report)
+    if rows:
+        ev = report["evaluation"]
+        lines += ["", "## Models", "", *_md_table(header, [r["cells"] for r in rows]), "",
+                  f"{ev.get('main_metric')} on {ev.get('examples')} examples of data.eval; fidelity: agreement with the "
+                  "PyTorch teacher; `x`: times smaller / faster than the fp32 teacher in ONNX Runtime (latency: median "
+                  "of per-round ratios, all models timed interleaved)."]
+    note = int8_note(report)
+    if note:
+        lines += ["", note]
+    lines += ["", "## Passes", "", *_md_table(["pass", "status", "duration s", "key metrics"], pass_rows(report))]
     for p in report["passes"]:
         if p["metrics"].get("chosen") and p["metrics"].get("why"):
             lines += ["", f"**{p['label']}: chose `{p['metrics']['chosen']}`**: {p['metrics']['why']}"]
-    if report["gates"]:
-        lines += ["", "## Gates", "", "| gate | verdict | detail |", "|---|---|---|"]
-        for g in report["gates"]:
-            verdict = "skipped" if g["passed"] is None else ("pass" if g["passed"] else "FAIL")
-            lines.append(f"| {g['name']} | {verdict} | {g['detail']} |")
+    if report.get("plots"):
+        lines += ["", "## Plots"]
     for plot in report.get("plots", []):
         lines += ["", f"![{plot}]({plot})"]
     v = report["versions"]
@@ -238,33 +395,28 @@ def write_plots(out: Path, report: dict[str, Any], records: list[StepRecord]) ->
         written.append(name)
 
     ev = report.get("evaluation") or {}
-    variants = ev.get("variants", {})
-    if variants:
-        names = [n for n, v in variants.items() if "alias_of" not in v]  # `int8` repeats one of the others
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-        for ax, key, title in zip(
-            axes,
-            ("quality", "latency_p50_ms", "size_mb"),
-            (ev.get("main_metric", "quality"), "p50 latency (ms)", "size (MB)"),
-        ):
-            vals = [variants[n].get(key) or 0 for n in names]
-            ax.bar(names, vals, color=["#4c72b0", "#dd8452", "#55a868", "#c44e52"][: len(names)])
-            if key == "quality" and ev.get("teacher", {}).get("quality") is not None:
-                ax.axhline(ev["teacher"]["quality"], color="k", ls="--", lw=1, label="teacher")
-                ax.legend(loc="lower right")
-            ax.set_title(title)
-            ax.tick_params(axis="x", labelrotation=20)
-        fig.suptitle(f"{report['name']}: students in ONNX Runtime", y=1.04)
-        save(fig, "models.png")
+    if ev.get("variants"):
+        fig = plot_tradeoff(report)
+        if fig is not None:
+            save(fig, "models.png")
 
     for r in records:
         curve = r.metrics.get("loss_curve")
         if isinstance(curve, list) and len(curve) > 1:
-            fig, ax = plt.subplots(figsize=(6, 3.2))
-            ax.plot(range(1, len(curve) + 1), curve)
+            fig, ax = plt.subplots(figsize=(6.4, 3.2))
+            steps = list(range(1, len(curve) + 1))
+            ax.plot(steps, curve, color="#9ecae1", lw=1, label="per step")
+            window = max(1, len(curve) // 20)
+            if window > 1:  # a moving average shows the trend through the per-batch noise
+                import numpy as np
+
+                smooth = np.convolve(curve, np.ones(window) / window, mode="valid")
+                ax.plot(steps[window - 1:], smooth, color="#08519c", lw=1.8, label=f"mean of {window}")
             ax.set_xlabel("step")
             ax.set_ylabel("loss")
-            ax.set_title(f"{r.label}: training loss")
+            ax.set_title(f"{r.label} ({r.type}): training loss")
+            ax.legend(loc="upper right", fontsize=8)
+            ax.grid(alpha=0.3)
             save(fig, f"loss-{r.label}.png")
         kept = r.metrics.get("kept_per_layer")
         if isinstance(kept, list) and kept:
@@ -290,3 +442,74 @@ def write_plots(out: Path, report: dict[str, Any], records: list[StepRecord]) ->
                         score_name=f"{r.metrics.get('score_kind', 'score')} score (higher = better)")
             written.append(name)
     return written
+
+
+def plot_tradeoff(report: dict[str, Any]) -> Any:
+    """The quality-vs-latency Pareto plot (left) and quality vs size (right): the teacher in ONNX Runtime (squares),
+    every student (circles; the shipped one a star), the PyTorch teacher's quality as a dashed line, the Pareto front
+    (faster and at least as good) as a step line. Every point labelled. None when nothing was timed."""
+    import matplotlib.pyplot as plt
+
+    ev = report.get("evaluation") or {}
+    metric = ev.get("main_metric", "quality")
+    higher = ev.get("higher_is_better", True)
+    shipped = shipped_variant(ev.get("variants", {}))
+    points = []  # (label, latency, size, quality, kind)
+    for name, s in (ev.get("baselines") or {}).items():
+        label = name.replace("teacher-", "teacher ", 1) + " (ORT)"
+        points.append((label, s.get("latency_p50_ms"), s.get("size_mb"), s.get("quality"), "baseline"))
+    for name, s in ev.get("variants", {}).items():
+        if "alias_of" not in s:
+            points.append((f"student {name}", s.get("latency_p50_ms"), s.get("size_mb"), s.get("quality"),
+                           "shipped" if name == shipped else "student"))
+    if not any(p[1] is not None and p[3] is not None for p in points):
+        return None
+    style = {"baseline": ("s", "#7f7f7f", 70), "student": ("o", "#4c72b0", 60), "shipped": ("*", "#d62728", 220)}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    for ax, idx, xlabel in ((axes[0], 1, "p50 latency on target (ms, log scale; left is faster)"), (axes[1], 2, "size (MB, log scale; left is smaller)")):
+        shown = [p for p in points if p[idx] is not None and p[3] is not None]
+        for kind, (marker, color, size) in style.items():
+            pts = [p for p in shown if p[4] == kind]
+            if pts:
+                ax.scatter([p[idx] for p in pts], [p[3] for p in pts], marker=marker, color=color, s=size, zorder=3,
+                           label={"baseline": "teacher (ORT)", "student": "student", "shipped": "shipped student"}[kind])
+        offsets = ((6, 7), (6, -13), (6, 19), (6, -25))  # cycled in x order so close neighbours do not overlap
+        for i, p in enumerate(sorted(shown, key=lambda p: p[idx])):
+            ax.annotate(p[0], (p[idx], p[3]), textcoords="offset points", xytext=offsets[i % len(offsets)],
+                        fontsize=8)
+        front, best = [], None
+        for p in sorted(shown, key=lambda p: p[idx]):
+            if best is None or (p[3] > best if higher else p[3] < best):
+                front.append(p)
+                best = p[3]
+        if len(front) > 1:
+            ax.step([p[idx] for p in front], [p[3] for p in front], where="post", color="#2ca02c", lw=1, ls="-",
+                    alpha=0.7, label="Pareto front", zorder=2)
+        tq = (ev.get("teacher") or {}).get("quality")
+        if tq is not None:
+            ax.axhline(tq, color="k", ls="--", lw=1, label="teacher (PyTorch)")
+        ax.set_xscale("log")
+        from matplotlib.ticker import FormatStrFormatter, LogLocator
+
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+        ax.xaxis.set_minor_locator(LogLocator(base=10, subs=(1.5, 4.0, 6.0, 7.0, 8.0, 9.0)))
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(FormatStrFormatter(""))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{metric} ({'higher' if higher else 'lower'} is better)")
+        ax.grid(alpha=0.3, which="both")
+        xs = [p[idx] for p in shown]
+        if xs:
+            ax.set_xlim(min(xs) / 1.35, max(xs) * 1.6)  # room for the labels right of the points
+        ys = [p[3] for p in shown] + ([tq] if tq is not None else [])
+        if ys:
+            pad = (max(ys) - min(ys)) * 0.25 or 0.01
+            ax.set_ylim(min(ys) - pad, max(ys) + pad)
+    axes[0].set_title(f"{metric} vs latency")
+    axes[1].set_title(f"{metric} vs size")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False,
+               bbox_to_anchor=(0.5, -0.06))
+    fig.suptitle(f"{report['name']}: teacher and students in ONNX Runtime", y=1.0)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.97))
+    return fig

@@ -1,0 +1,128 @@
+"""The run report end to end on a tiny random BERT (finetune -> prune -> distill -> export -> ptq -> evaluate):
+report.md and a self-contained report.html from the same report.json, gates first, the teacher in ONNX Runtime as
+baseline rows with ratios, one int8 file that the report names, and the plots of the passes that ran."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from compress.cli import main
+from compress.report.render import model_rows, render_markdown
+from tests.conftest import make_config, save_tiny_bert, sentiment_files
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("report")
+    teacher = save_tiny_bert(tmp / "bert", 2, seed=0)
+    data = sentiment_files(tmp / "data")
+    passes = [
+        {"type": "finetune", "steps": 4, "batch_size": 16, "lr": 1e-3},
+        {"type": "prune", "method": "magnitude", "granularities": ["heads", "ffn"], "target": {"fraction": 0.99}},
+        {"type": "distill", "steps": 3, "batch_size": 16, "lr": 1e-3, "weights": {"logit": 1.0}},
+        {"type": "export"},
+        {"type": "ptq", "methods": ["dynamic", "static"], "primary": "dynamic"},
+        {"type": "evaluate", "batch_size": 16, "latency_rounds": 2},
+    ]
+    cfg = make_config(tmp, teacher, data, passes, gates={"max_quality_drop": 1.0, "max_size_mb": 100})
+    assert main(["run", str(cfg), "-q"]) == 0
+    return tmp / "out"
+
+
+def _report(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+def test_one_int8_file_named_in_the_report(run_dir: Path) -> None:
+    rep = _report(run_dir)
+    int8_files = sorted(p.name for p in run_dir.glob("*.onnx") if "int8" in p.name)
+    # the shipped dynamic model is written once, as student.int8.onnx; the static one keeps its method's name
+    assert int8_files == ["student.int8-static.onnx", "student.int8.onnx"]
+    assert rep["shipped"] == "student.int8.onnx" == rep["final_student"]["file"]
+    assert rep["final_student"]["model"] == "int8-dynamic"
+    assert rep["files"] == {"fp32": "student.onnx", "int8-dynamic": "student.int8.onnx",
+                            "int8-static": "student.int8-static.onnx"}
+    assert set(rep["files"].values()) == {p.name for p in run_dir.glob("student*.onnx")}
+    assert "`student.int8.onnx` (the int8-dynamic student)" in (run_dir / "report.md").read_text()
+    assert "<code>student.int8.onnx</code> (the int8-dynamic student)" in (run_dir / "report.html").read_text()
+
+
+def test_teacher_baseline_rows_and_ratios(run_dir: Path) -> None:
+    ev = _report(run_dir)["evaluation"]
+    base = ev["baselines"]
+    assert list(base) == ["teacher-fp32", "teacher-int8-dynamic"]
+    ref = base["teacher-fp32"]
+    assert ref["fused"] is True and ref["label"] == "teacher fp32 (ORT, fused)"
+    assert ref["latency_x"] == 1.0 and ref["size_x"] == 1.0
+    assert ref["fidelity"] == pytest.approx(1.0)  # the ORT teacher agrees with the PyTorch one
+    assert base["teacher-int8-dynamic"]["size_mb"] < ref["size_mb"]
+    for name, s in {**base, **ev["variants"]}.items():
+        assert s["latency_p50_ms"] > 0 and s["latency_rounds"] == 2, name
+        assert s["size_x"] == pytest.approx(ref["size_mb"] / s["size_mb"]), name
+        assert s["latency_x"] > 0, name
+    # the pruned student is smaller than the teacher
+    assert ev["variants"]["fp32"]["size_x"] > 1.0
+    # the markdown rows show the same numbers
+    md = (run_dir / "report.md").read_text()
+    shipped = ev["variants"]["int8-dynamic"]
+    row = next(line for line in md.splitlines() if line.startswith("| student int8-dynamic (ORT) [shipped]"))
+    assert f"{shipped['size_x']:.2f}x" in row and f"{shipped['latency_x']:.2f}x" in row
+    assert "| teacher fp32 (ORT, fused) |" in md and "| teacher int8-dynamic (ORT) |" in md
+
+
+def test_gates_come_first(run_dir: Path) -> None:
+    md = (run_dir / "report.md").read_text()
+    assert md.index("PASSED: 2 gate(s) pass") < md.index("| max_quality_drop | pass |") < md.index("## Models")
+    html = (run_dir / "report.html").read_text()
+    assert html.index('class="banner pass"') < html.index("max_quality_drop") < html.index("<h2>Models</h2>")
+    assert html.index("teacher fp32 (ORT, fused)") < html.index("student int8-dynamic (ORT) [shipped]")
+
+
+def test_html_is_self_contained(run_dir: Path) -> None:
+    html = (run_dir / "report.html").read_text()
+    srcs = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', html)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs), [s[:40] for s in srcs]
+    assert "<script" not in html and "<link" not in html and "url(" not in html
+    plots = _report(run_dir)["plots"]
+    assert html.count('<img alt="') == len(plots)
+    for name in plots:
+        assert f'alt="{name}"' in html
+
+
+def test_plots_of_the_passes_that_ran(run_dir: Path) -> None:
+    plots = set(_report(run_dir)["plots"])
+    assert {"models.png", "loss-finetune.png", "loss-distill.png", "pruning-prune.png"} <= plots
+    assert not any(p.startswith(("schedule-", "pareto-")) for p in plots)  # no OPTIMA schedule, no search here
+    assert all((run_dir / p).is_file() for p in plots)
+
+
+def test_static_vs_dynamic_note(run_dir: Path) -> None:
+    rep = _report(run_dir)
+    md = (run_dir / "report.md").read_text()
+    assert "Static vs dynamic int8:" in md
+    ptq = next(p for p in rep["passes"] if p["type"] == "ptq")["metrics"]
+    d, s = ptq["dynamic_runs"], ptq["static_runs"]
+    assert d["int8_matmuls"] > 0 and s["int8_matmuls"] > 0
+    assert f"static has {s['int8_matmuls']} int8 MatMuls" in md and "Static vs dynamic int8: static int8 runs at" in md
+
+
+def test_rerender_from_report_json(run_dir: Path) -> None:
+    rep = _report(run_dir)
+    assert render_markdown(rep) == (run_dir / "report.md").read_text()
+    header, rows = model_rows(rep)
+    assert header[0] == "model" and [r["kind"] for r in rows[:3]] == ["reference", "baseline", "baseline"]
+    assert sum(r["shipped"] for r in rows) == 1
+
+
+def test_no_baselines_when_off(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    data = sentiment_files(tmp_path / "data")
+    cfg = make_config(tmp_path, tiny_bert_dir, data, [{"type": "export"}, {"type": "evaluate", "teacher_baselines": False}])
+    assert main(["run", str(cfg), "-q"]) == 0
+    rep = _report(tmp_path / "out")
+    assert rep["evaluation"]["baselines"] == {} and "latency_x" not in rep["evaluation"]["variants"]["fp32"]
+    assert rep["shipped"] == "student.onnx"
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "teacher fp32 (ORT" not in md and "Static vs dynamic" not in md
