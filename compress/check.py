@@ -113,13 +113,12 @@ def check_only(run: RunConfig) -> CheckResult:
 
 
 def write_gate_section(out: Path, report: dict[str, Any]) -> None:
-    """report.json, report.md and junit.xml from `report`, each through a temp file and a rename."""
-    from compress.report.render import _atomic_write, render_junit, render_markdown
+    """report.json, then report.md, report.html and junit.xml from it (compress.report.render.render_outputs),
+    each through a temp file and a rename."""
+    from compress.report.render import _atomic_write, render_outputs
 
-    markdown, junit = render_markdown(report), render_junit(report)  # render all before replacing any
-    _atomic_write(out / "report.md", markdown)
-    _atomic_write(out / "junit.xml", junit)
     _atomic_write(out / "report.json", json.dumps(report, indent=2, default=str))
+    render_outputs(out, report)
 
 
 def refuse_run_flags(args: Any) -> None:

@@ -179,7 +179,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from compress.report.render import _atomic_write, render_junit, render_markdown
+    from compress.report.render import render_outputs
 
     run_dir = Path(args.run_dir)
     f = run_dir / "report.json"
@@ -189,10 +189,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         report = json.loads(f.read_text())
     except json.JSONDecodeError as err:
         raise InputError(f"{f}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    _atomic_write(run_dir / "report.md", render_markdown(report))
-    _atomic_write(run_dir / "junit.xml", render_junit(report))
+    render_outputs(run_dir, report)
     _print_summary(_console(), report)
-    _console().print(f"re-rendered {run_dir / 'report.md'} and {run_dir / 'junit.xml'}")
+    _console().print(f"re-rendered {run_dir / 'report.md'}, {run_dir / 'report.html'} and {run_dir / 'junit.xml'}")
     return 0
 
 

@@ -110,6 +110,8 @@ def test_an_edited_gate_fails_and_the_report_says_so(copy_of, capsys):
     assert cases["max_size_mb"].find("failure") is not None and cases["max_latency_ms"].find("failure") is None
     md = (out / "report.md").read_text()
     assert "| max_size_mb | FAIL |" in md and "| max_latency_ms | pass |" in md
+    html = (out / "report.html").read_text()
+    assert "FAILED" in html and "max_size_mb" in html  # the HTML comes from the same report dict
     assert not list(out.glob(".*.tmp*"))  # the atomic writes left no temp file
 
     # put the gate back (here through --set): exit 0, and the three files say pass again

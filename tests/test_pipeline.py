@@ -311,8 +311,10 @@ def test_bench_and_report_commands(full_run, capsys):
     assert main(["bench", str(out / "nope.onnx")]) == 2
     (out / "report.md").unlink()
     (out / "junit.xml").unlink()
+    (out / "report.html").unlink()
     assert main(["report", str(out)]) == 0
     assert "## Models" in (out / "report.md").read_text() and (out / "junit.xml").is_file()
+    assert "data:image/png;base64," in (out / "report.html").read_text()
     assert main(["report", str(out / "model")]) == 2
 
 
