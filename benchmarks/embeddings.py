@@ -77,19 +77,40 @@ def main() -> int:
     models = {"teacher fp32": t_fp32, "teacher int8 (ORT dynamic)": t_int8,
               "student fp32": out / "student.onnx", "student int8, embeddings fp32": s_keep_emb,
               "student int8 (shipped: embeddings int8)": out / "student.int8.onnx"}
+    untrimmed = _untrimmed_student(out, cfg.cache_path)  # the distilled student before prune trimmed its vocabulary
+    if untrimmed is not None:
+        full_fp32, full_int8 = bench / "student.full-vocab.onnx", bench / "student.full-vocab.int8.onnx"
+        if not full_int8.is_file() or full_int8.stat().st_mtime < (out / "student.onnx").stat().st_mtime:
+            s_tok = AutoTokenizer.from_pretrained(untrimmed)
+            s_enc = SentenceEncoder.from_folder(AutoModel.from_pretrained(untrimmed), untrimmed, cfg.model.pooling).eval()
+            example = dict(s_tok(["a first example", "and a second, longer example sentence"], padding=True,
+                                 return_tensors="pt"))
+            export_onnx(s_enc, example, full_fp32, task="feature-extraction", output_name=OUTPUT)
+            quantize_dynamic_int8(full_fp32, full_int8, op_types=("MatMul", "Gemm", "Gather"))  # as ptq does
+            full_fp32.unlink()
+        models = {**dict(list(models.items())[:-1]), "student int8, full vocabulary (before trimming)": full_int8,
+                  **dict(list(models.items())[-1:])}
 
     records = load_records(cfg.data.eval, base_dir=cfg.base_dir, name="data.eval")
     texts, labels = records.texts or [], records.labels
     batches = [dict(tok(texts[i:i + 64], padding=True, truncation=True, max_length=cfg.model.max_length,
                         return_tensors="pt")) for i in range(0, len(texts), 64)]
+    # the students take their own tokenizer's ids (a trimmed vocabulary numbers tokens anew; compress.prune.vocab)
+    s_tok = AutoTokenizer.from_pretrained(out / "model") if (out / "model" / "tokenizer.json").is_file() else tok
+    s_batches = [dict(s_tok(texts[i:i + 64], padding=True, truncation=True, max_length=cfg.model.max_length,
+                            return_tensors="pt")) for i in range(0, len(texts), 64)]
+    oov = _share_with_dropped_tokens(tok, s_tok, texts)
     with torch.no_grad():
         ref = np.concatenate([teacher(**b).numpy() for b in batches])
     t = cfg.target
     lat_inputs = get_task("feature-extraction").synthetic_inputs(teacher.config, batch_size=t.batch_size, seq_len=t.seq_len)
+    if oov is not None:  # every model gets the same ids, valid for the trimmed student's smaller table too
+        lat_inputs["input_ids"] = lat_inputs["input_ids"] % _rows(out / "model")
     rows: dict[str, dict[str, float]] = {}
     for name, path in models.items():
         sess = make_session(path, threads=t.threads)
-        emb = np.concatenate([run_session(sess, {k: v.numpy() for k, v in b.items()})[OUTPUT] for b in batches])
+        own = s_batches if name.startswith("student") and "full vocabulary" not in name else batches
+        emb = np.concatenate([run_session(sess, {k: v.numpy() for k, v in b.items()})[OUTPUT] for b in own])
         rows[name] = {**embedding_scores(emb, ref, labels), "size_mb": onnx_size_mb(path), "p50": []}  # type: ignore[dict-item]
     for _ in range(args.rounds):  # interleaved: each round times every model once
         for name, path in models.items():
@@ -100,6 +121,9 @@ def main() -> int:
     print(f"{cfg.name}: {len(texts)} held-out tweets (reference: the PyTorch teacher's embeddings); ORT p50 at batch "
           f"{t.batch_size}, {t.seq_len} tokens, {t.threads} threads, median of {args.rounds} interleaved rounds x "
           f"{args.runs} runs")
+    if oov is not None:
+        print(f"vocabulary: the student's embedding table has {_rows(out / 'model')} rows (the teacher's {len(tok)}); "
+              f"{oov:.1%} of the held-out tweets have a token outside it (it reaches the model as [UNK])")
     print("| model | fidelity (cos) | recall@10 | Spearman | kNN acc | size MB | p50 ms | smaller vs teacher fp32 "
           "| faster vs teacher fp32 |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -109,6 +133,35 @@ def main() -> int:
         print(f"| {name} | {r['fidelity']:.4f} | {r['recall_at_10']:.3f} | {r['spearman']:.3f} | {knn} | "
               f"{r['size_mb']:.1f} | {p50:.2f} | {base['size_mb'] / r['size_mb']:.2f}x | {base_p50 / p50:.2f}x |")
     return 0
+
+
+def _untrimmed_student(out: Path, cache: Path) -> Path | None:
+    """The distill pass's student folder when a prune pass after it trimmed the vocabulary, else None."""
+    import json
+
+    passes = json.loads((out / "report.json").read_text())["passes"]
+    if not any(p["type"] == "prune" and (p.get("metrics") or {}).get("vocab_kept") for p in passes):
+        return None
+    distill = [p for p in passes if p["type"] == "distill"]
+    folder = cache / distill[-1]["cache_key"] / "model" if distill else None
+    return folder if folder is not None and folder.is_dir() else None
+
+
+def _share_with_dropped_tokens(tok, s_tok, texts: list[str]) -> float | None:  # type: ignore[no-untyped-def]
+    """Share of `texts` with a token the trimmed student does not keep (None when the vocabulary is the teacher's)."""
+    from compress.prune.idmap import load_id_map
+
+    id_map = load_id_map(Path(s_tok.name_or_path))
+    if id_map is None:
+        return None
+    kept = set(id_map[:-1].tolist())  # student id K (the last) stands for every dropped token
+    return float(np.mean([any(i not in kept for i in ids) for ids in tok(texts, truncation=True)["input_ids"]]))
+
+
+def _rows(folder: Path) -> int:
+    import json
+
+    return int(json.loads((folder / "config.json").read_text())["vocab_size"])
 
 
 def _finished(out: Path) -> bool:

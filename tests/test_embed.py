@@ -239,3 +239,24 @@ def test_vocab_trimmed_sentence_student_stays_a_sentence_model(tmp_path, st_bert
     assert read_spec(tmp_path / "out" / "model").pooling == "mean"
     fp32 = rep["evaluation"]["variants"]["fp32"]
     assert fp32["fidelity"] > 0.9999 and fp32["recall_at_10"] == 1.0
+
+
+def test_student_dropout_off_makes_training_forwards_deterministic(tmp_path, st_bert):
+    """`student_dropout: false` turns every dropout of the student off (sentence students learn the teacher's
+    embeddings sooner); unset, the model keeps its dropout and the field stays out of the config dump (cache keys)."""
+    from transformers import AutoModel
+
+    from compress.distill.objective import DistillObjective
+    from compress.passes.distill import DistillConfig
+
+    assert "student_dropout" not in DistillConfig().model_dump(mode="json")
+    inputs = _padded(st_bert)
+    for off in (None, False):
+        torch.manual_seed(0)
+        student = AutoModel.from_pretrained(st_bert, hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+        teacher = AutoModel.from_pretrained(st_bert).eval()
+        cfg = DistillConfig(student_dropout=off)
+        DistillObjective(student, teacher, cfg, task="feature-extraction")
+        student.train()
+        a, b = (student(**inputs).last_hidden_state for _ in range(2))
+        assert torch.equal(a, b) is (off is False)

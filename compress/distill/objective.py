@@ -78,6 +78,10 @@ class ObjectiveConfig(BaseModel):
     contrastive_temperature: float = Field(0.05, gt=0, description="Temperature of the in-batch contrastive term.")
     relation_heads: int | None = Field(None, gt=0, description="MiniLMv2 relation heads (default: the student's attention heads).")
     weights: LossWeights = Field(default_factory=LossWeights, description="Weight of each loss term.")
+    student_dropout: bool | None = Field(
+        None, exclude_if=lambda v: v is None,  # unset, it stays out of the cache keys of existing configs
+        description="false: train the student with every dropout off (attention's too); a sentence-embedding "
+        "student then matches the teacher's embeddings sooner (docs/embeddings.md). Unset/true: the model's own.")
     mapping: MappingConfig = Field(default_factory=MappingConfig, description="Which teacher layer each student layer learns from.")
     vocab_size: int | None = Field(
         None, gt=0, description="Causal LM: the real vocabulary both logit widths share (the rest is padding); "
@@ -181,6 +185,11 @@ class DistillObjective:
         self.captures = dict(hidden_states=w.hidden > 0 or self.feature, attentions=w.attention > 0,
                              attention_outputs=w.attention_output > 0, qkv=w.relation > 0)
         if w.attention > 0:
+            no_attention_dropout(self.s_ad)
+        if cfg.student_dropout is False:
+            for m in student.modules():
+                if isinstance(m, nn.Dropout):
+                    m.p = 0.0
             no_attention_dropout(self.s_ad)
         self.teacher_cache = teacher_cache
         self.fused_steps = 0  # logit losses through the LM heads, and those of them on the fused kernel

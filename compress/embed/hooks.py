@@ -8,7 +8,8 @@ load step keeps its sentence-transformers files) has a Pooling module; then:
   sentence-transformers folder (`save_student_folder`);
 - export traces `SentenceEncoder` (pooling and normalisation inside the graph, output `sentence_embedding`);
 - evaluate scores embeddings with compress.embed.metrics (`SentenceEval`);
-- ptq quantizes the embedding table by default (`quantize_embeddings_default`)."""
+- ptq quantizes the embedding table by default (`quantize_embeddings_default`), and search budgets size and
+  latency for what ptq will do (`ptq_quantizes_embeddings`)."""
 from __future__ import annotations
 
 import copy
@@ -180,3 +181,23 @@ def sentence_eval(artifact: Any, ctx: Any, teacher: nn.Module, limit: int | None
 def quantize_embeddings_default(artifact: Any, run: Any) -> bool:
     """ptq's `quantize_embeddings` when the config leaves it unset: on for a sentence-embedding student."""
     return run.model.task == "feature-extraction" and is_st_folder(artifact.model_dir)
+
+
+def ptq_quantizes_embeddings(run: Any, teacher_dir: str | Path | None) -> bool:
+    """Whether the run's ptq pass will store the embedding tables as int8, for a pass before it (search) that
+    budgets int8 size and latency: a ptq pass's explicit `quantize_embeddings`, or its `auto` default, which is
+    on when ptq gets a sentence-embedding student (`quantize_embeddings_default`). Whether it does follows the
+    passes: the loaded teacher of a sentence run is a sentence-transformers folder, a searched student is a plain
+    HF folder, and distill saves its student as a sentence-transformers folder again (`save_student_folder`);
+    the other passes keep what they get (prune: `carry_st_files`)."""
+    sentence = st = sentence_run(run, teacher_dir)
+    for p in run.passes:
+        if p.type == "search":
+            st = False
+        elif p.type == "distill":
+            st = sentence
+        elif p.type == "ptq":
+            value = p.options().get("quantize_embeddings", "auto")
+            if (st if value == "auto" else value is True):
+                return True
+    return False

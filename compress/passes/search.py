@@ -138,7 +138,9 @@ class Search(Pass):
         versions = toolchain_versions()
         q_emb = cfg.quantize_embeddings
         if q_emb is None:
-            q_emb = any(p.type == "ptq" and bool(p.options().get("quantize_embeddings")) for p in ctx.run.passes)
+            from compress.embed.hooks import ptq_quantizes_embeddings  # ptq's `auto` default included
+
+            q_emb = ptq_quantizes_embeddings(ctx.run, artifact.teacher_dir or artifact.model_dir)
         op_types = ("MatMul", "Gemm", "Gather") if q_emb else ("MatMul", "Gemm")
         tdict = {**target.model_dump(mode="json"), "op_types": list(op_types)}
         lat_model = LatencyModel(head_dim=shape.head_dim, seq_len=target.seq_len, batch=target.batch_size,
