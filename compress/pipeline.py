@@ -57,6 +57,20 @@ def _hash_path(path: Path) -> str:
     return h.hexdigest()
 
 
+def _owner_alive(name: str) -> bool:
+    """Whether the process that names a tmp entry (`<key>-<pid>-<uuid>`) is another live process."""
+    parts = name.rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) == os.getpid():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
 def _rebase(art: Artifact, old: Path, new: Path) -> Artifact:
     def fix(p: Path | None) -> Path | None:
         if p is None:
@@ -183,8 +197,11 @@ class Pipeline:
 
     # ------------------------------------------------------------------ steps
     def _clean_tmp(self) -> None:
+        """Remove what killed runs left in tmp/; an entry of a run still alive (another process sharing this cache,
+        named `<key>-<pid>-<uuid>` by _commit) is left alone."""
         for leftover in (self.cache / "tmp").iterdir():
-            shutil.rmtree(leftover, ignore_errors=True)
+            if not _owner_alive(leftover.name):
+                shutil.rmtree(leftover, ignore_errors=True)
 
     def _commit(self, key: str, build: Any) -> Artifact:
         """Build a cache entry in tmp/ and rename it into place; nothing partial survives a failure."""

@@ -256,6 +256,28 @@ def test_interrupt_leaves_nothing_partial(tmp_path, tiny_bert_dir, data_dir, cap
         unregister("test-interrupt")
 
 
+def test_a_run_leaves_the_tmp_entries_of_live_runs_sharing_its_cache(tmp_path, tiny_bert_dir, data_dir):
+    """Two runs may share a cache_dir: the one starting cleans tmp/ of killed runs only, not of a live one."""
+    import subprocess
+    import sys
+
+    cfg = make_config(tmp_path, tiny_bert_dir, data_dir, passes=[{"type": "export", "optimize": False}])
+    tmp = tmp_path / "out" / ".cache" / "tmp"
+    tmp.mkdir(parents=True)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        (tmp / f"{'a' * 24}-{alive.pid}-0123abcd").mkdir()
+        (tmp / f"{'b' * 24}-{dead.pid}-0123abcd").mkdir()
+        (tmp / "not-a-run-entry").mkdir()
+        assert main(["run", str(cfg), "-q"]) == 0
+        assert sorted(p.name for p in tmp.iterdir()) == [f"{'a' * 24}-{alive.pid}-0123abcd"]
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 def test_entry_point_plugin(tmp_path, tiny_bert_dir, data_dir, monkeypatch):
     import compress.registry as registry
 
