@@ -295,6 +295,9 @@ class Pipeline:
             "seed": run.seed,
             "label": rec.label,
         }
+        reads = p.reads_from_run(run)
+        if reads is not None:  # only then: the keys of passes reading nothing else stay as they were
+            fields["reads"] = reads
         if run.target.edge is not None and getattr(p, "uses_edge", False):  # only then: server keys stay as they were
             from compress.onnx.edge import profile
 

@@ -67,7 +67,8 @@ def test_a_searched_student_is_a_sentence_student_again_after_distill(tmp_path, 
 def test_search_size_budget_assumes_ptq_auto_for_a_sentence_student(tmp_path, folders):
     """Through the pass: with ptq's default on a sentence-embedding teacher the search measures the int8 size
     with the embedding table int8 (what ptq then ships, after distill made the searched student a sentence
-    student); set to false, the table stays float and the file is several times larger."""
+    student); set to false, the table stays float and the file is several times larger. ptq's setting is part
+    of the search pass's cache key (Search.reads_from_run): one output folder, the search runs again."""
     search = {"type": "search", "space": {"layers": [1], "heads": [2], "ffn": [32]}, "iterations": 1,
               "batch_size": 8, "measure_runs": 3, "latency_model": False, "latency_guard": False}
     sizes = {}
@@ -75,10 +76,11 @@ def test_search_size_budget_assumes_ptq_auto_for_a_sentence_student(tmp_path, fo
         path = _config(tmp_path, folders[1], [
             search, {"type": "distill", "steps": 2, "batch_size": 8}, {"type": "export"},
             {"type": "ptq", "methods": ["dynamic"], "quantize_embeddings": q}],
-            out=f"out-{q}")  # the search pass's cache key does not hold ptq's settings: one folder each
+            out="out")
         assert main(["run", str(path), "-q", "--until", "search"]) == 0  # the passes after it are only read
-        rep = json.loads((tmp_path / f"out-{q}" / "report.json").read_text())
+        rep = json.loads((tmp_path / "out" / "report.json").read_text())
         m = next(p["metrics"] for p in rep["passes"] if p["type"] == "search")
+        assert next(p["status"] for p in rep["passes"] if p["type"] == "search") == "ran"
         assert m["quantize_embeddings"] is (q == "auto")
         sizes[q] = m["chosen_size_mb"]
     assert sizes[False] > 2 * sizes["auto"]

@@ -58,6 +58,11 @@ class Pass:
         """Checks needing the whole run config (say, that a data split exists). Returns an error or None."""
         return None
 
+    def reads_from_run(self, run: RunConfig) -> Any:
+        """What this pass reads from the rest of the run config beyond its own config, data, target and input
+        artifact (say, a later pass's setting it plans for): part of its cache key when not None."""
+        return None
+
 
 class Progress:
     """Progress reporting through rich; a no-op bar when disabled."""

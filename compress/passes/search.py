@@ -87,6 +87,14 @@ class Search(Pass):
             return "search needs data.train (the scoring batch)"
         return None
 
+    def reads_from_run(self, run: Any) -> Any:
+        """Unset quantize_embeddings follows the run's ptq passes (compress.embed.hooks.ptq_quantizes_embeddings):
+        their settings are then part of this pass's key, so changing them measures the candidates again."""
+        if self.config.quantize_embeddings is not None:  # type: ignore[attr-defined]
+            return None
+        return {"ptq_quantize_embeddings": [p.options().get("quantize_embeddings", "auto") for p in run.passes
+                                            if p.type == "ptq"]}
+
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
         from compress.models import get_adapter
         from compress.passes.common import model_inputs, task_batches
