@@ -138,7 +138,7 @@ def plain_student_config(run: Any, report: dict[str, Any], cache: Path, work: Pa
             path = cache / rec["cache_key"] / PLAN_FILE
             if not path.is_file():
                 raise InputError(f"{path}: the prune pass '{labels[i]}' recorded no keep plan (a cache entry made "
-                                 "before the prune pass wrote one); rerun the run with --from {labels[i]}")
+                                 f"before the prune pass wrote one); rerun the run with --from {labels[i]}")
             plans.append(json.loads(path.read_text()))
         if _teacher_training(s):
             c = rec["config"]
