@@ -147,7 +147,9 @@ def plain_student_config(run: Any, report: dict[str, Any], cache: Path, work: Pa
     per_step = int(base.get("batch_size", 32)) * int(base.get("grad_accum", 1))
     steps = max(1, round(examples / per_step))
     train = {k: base[k] for k in TRAIN_FIELDS if k in base}
-    quantize_embeddings = next((s.get("quantize_embeddings") for s in specs if s["type"] == "ptq"), None)
+    # int8 embeddings as the run's student has them: its ptq pass's setting, else qat's (default on), else ptq's default
+    quantize_embeddings = next((s.get("quantize_embeddings") for s in specs if s["type"] == "ptq"),
+                               next((s.get("quantize_embeddings", True) for s in specs if s["type"] == "qat"), None))
     export = next((s for s in specs if s["type"] == "export"), {"type": "export"})
     passes = [{**s, "name": labels[i]} for i, s in enumerate(specs[:first])]
     passes += [
