@@ -549,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
             f"for every row, held out from training ({ev['same_text_in_train']} of them have a text identical to a "
             f"training tweet: duplicates in the source). Row 5 - row 1: {100 * float(d.mean()):+.2f} ± {se:.2f} points "
             "(paired standard error).",
+            f"Row 5 - row 4 (distillation against labels-only fine-tuning of the same shape): "
+            f"{100 * float((hits['compress'] - hits['plain-student']).mean()):+.2f} ± "
+            f"{100 * float((hits['compress'] - hits['plain-student']).std(ddof=1) / np.sqrt(len(d))):.2f} points.",
             f"Row 4: initialised from {plain.info['init']}, fine-tuned on the labels alone for {plain.info['steps']} steps "
             f"of {plain.info['batch_size']} ({plain.info['examples']} examples, what the run's distillation passes saw); "
             f"same shape as row 5 ({_shape(plain.model_dir)} vs {_shape(run_dir / 'model')})."
