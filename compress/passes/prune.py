@@ -17,6 +17,7 @@ The result is saved with `shrink` (compress.prune.shrink): a plain transformers 
 uniform, else a compress-registered pruned type. Recovery: put `{type: distill}` after it."""
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Literal
 
@@ -36,6 +37,7 @@ from compress.train.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
 
+PLAN_FILE = "keep_plan.json"  # in the pass's cache entry, next to model/
 Granularity = Literal["heads", "ffn", "layers", "hidden", "vocab"]
 # learned gates each granularity trains (compress.prune.masks.GRANULARITIES)
 GATES = {"heads": ("heads", "attention"), "ffn": ("ffn", "ffn_layer"), "layers": ("attention", "ffn_layer"),
@@ -216,6 +218,9 @@ class Prune(Pass):
                              f"granularities {grans} (the pruned model has {after}); add granularities or raise it")
         self._metrics(ctx, model, pruned, plan, before, after, layers_before)
         folder = ctx.save_student(pruned.cpu(), new_pre)
+        # which units of the input model were kept (indices of that model): benchmarks/pipeline.py shrinks a plain
+        # student of the same shape with it
+        (ctx.out_dir / PLAN_FILE).write_text(json.dumps(plan.to_dict()))
         from compress.embed.hooks import carry_st_files
 
         carry_st_files(artifact.model_dir, folder, pruned, where=f"passes: '{ctx.label}'")  # a sentence student stays one
