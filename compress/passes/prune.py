@@ -108,7 +108,7 @@ class Prune(Pass):
     type = "prune"
     Config = PruneConfig
     # 2: vocabulary trimming in the same shrink as the rest (a second shrink misread a pruned BERT's head size)
-    version = "2"
+    version = "3"  # 3: writes its KeepPlan to keep_plan.json in the cache entry (benchmarks/pipeline.py row 4)
     uses_data = ("train", "calibration")
     consumes = (Kind.TORCH_STUDENT,)
     refuses = (Kind.ONNX,)  # pruning changes the model: export after it
