@@ -113,9 +113,10 @@ def check_only(run: RunConfig) -> CheckResult:
 
 
 def write_gate_section(out: Path, report: dict[str, Any]) -> None:
-    """report.json, then report.md, report.html and junit.xml from it (compress.report.render.render_outputs),
+    """report.json, then report.md, report.html and junit.xml from it (compress.report.write.render_outputs),
     each through a temp file and a rename."""
-    from compress.report.render import _atomic_write, render_outputs
+    from compress.report.render import _atomic_write
+    from compress.report.write import render_outputs
 
     _atomic_write(out / "report.json", json.dumps(report, indent=2, default=str))
     render_outputs(out, report)

@@ -179,7 +179,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from compress.report.render import render_outputs
+    from compress.report.write import render_outputs
 
     run_dir = Path(args.run_dir)
     f = run_dir / "report.json"

@@ -181,7 +181,8 @@ class Pipeline:
             root.removeHandler(handler)
             handler.close()
 
-        from compress.report.render import build_report, write_outputs
+        from compress.report.render import build_report
+        from compress.report.write import write_outputs
 
         partial = any(r.status == "skipped" for r in records)  # --until: unmeasured gates are skipped, not failed
         gates = evaluate_gates(run, artifact, partial=partial) if artifact is not None and exit_code == EXIT_OK else []
