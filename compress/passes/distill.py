@@ -208,10 +208,10 @@ class Distill(Pass):
         folder = ctx.save_student(student.cpu(), pre)
         if heads is not None:  # a sentence-transformers folder: pooling, the trained projection, normalisation
             save_student_folder(folder, heads, student, ctx.run, artifact.teacher_dir)
-        if id_map is not None:  # the student keeps its trimmed vocabulary: hand the teacher's ids on
-            from compress.prune.idmap import save_id_map
+        if cfg.student_layers is None:  # the student keeps its (trimmed) vocabulary: hand the teacher's ids on
+            from compress.prune.idmap import carry_id_map
 
-            save_id_map(folder, id_map.tolist())
+            carry_id_map(artifact.model_dir, folder)
         if optima and cfg.save_schedule_plot and sched.history:
             plot_schedule(sched.history, ctx.out_dir / "schedule.png", title=f"{ctx.label}: OPTIMA arm per round")
         return artifact.replace(model_dir=folder)

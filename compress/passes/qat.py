@@ -248,11 +248,9 @@ class QAT(Pass):
 
         state = fake.quant_state(student)
         folder = ctx.save_student(fake.strip_fake_quant(student), pre)
-        from compress.prune.idmap import load_id_map, save_id_map
+        from compress.prune.idmap import carry_id_map
 
-        id_map = load_id_map(artifact.model_dir)
-        if id_map is not None:  # a trimmed vocabulary: the teacher's ids go on with the student (evaluate, ...)
-            save_id_map(folder, id_map.tolist())
+        carry_id_map(artifact.model_dir, folder)  # a trimmed vocabulary: the teacher's ids go on (evaluate, ...)
         (folder / "qat-scales.json").write_text(json.dumps(state, indent=1))
         # earlier quantized models came from the student before QAT; the fp32 export stays as the reference
         kept = [ModelFile(m.path, m.precision, m.method, m.format, shipped=False) for m in artifact.models

@@ -25,6 +25,14 @@ def save_id_map(folder: Path, kept: list[int]) -> Path:
     return path
 
 
+def carry_id_map(source: Path | None, folder: Path) -> None:
+    """Hand a trimmed vocabulary's map on: a pass that keeps the student's tokenizer (distill, qat) writes the map of
+    the student it got (if any) next to the student it saves."""
+    id_map = load_id_map(source)
+    if id_map is not None:
+        save_id_map(folder, id_map.tolist())
+
+
 def load_id_map(folder: Path | None) -> torch.Tensor | None:
     """student id -> teacher id (a LongTensor), or None when the student's vocabulary was not trimmed."""
     if folder is None:
