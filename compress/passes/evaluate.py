@@ -60,7 +60,7 @@ class Evaluate(Pass):
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
         from compress.models.loading import count_params, folder_size_mb
-        from compress.onnx.runtime import make_session, onnx_size_mb
+        from compress.onnx.runtime import onnx_size_mb
 
         cfg: EvaluateConfig = self.config  # type: ignore[assignment]
         task = get_task(ctx.run.model.task)
@@ -123,7 +123,7 @@ class Evaluate(Pass):
                                            image_size=t.image_size)
 
         outputs: dict[str, list[torch.Tensor]] = {}
-        from compress.onnx.edge import edge_stats, fixed_latency_inputs, run_fixed
+        from compress.onnx.edge import edge_stats, fixed_latency_inputs
 
         baselines = self._baselines(artifact, ctx, teacher, t_batches, t_out, teacher_scores, score, evaluation)
         timed: dict[str, Any] = {}  # name -> (path, latency inputs), teacher baselines first
@@ -133,17 +133,11 @@ class Evaluate(Pass):
 
         with ctx.progress.task(f"{ctx.label}: ONNX Runtime", total=len(models)) as bar:
             for m in models:
-                sess = make_session(m.path, provider=t.provider, threads=t.threads)
-                # run_fixed: a fixed-shape edge graph gets the batches regrouped to its shapes; others as they are
-                s_out = [torch.from_numpy(next(iter(run_fixed(sess, model_inputs(b)).values()))) for b in batches]
+                s_out, scores = _score_onnx(m.path, t, batches, score, t_out, teacher_scores[metric], metric, higher)
                 if task.name == "causal-lm":
                     outputs[m.name] = s_out
-                scores = score(batches, s_out, t_out)
-                q = scores[metric]
-                tq = teacher_scores[metric]
-                drop = (tq - q) if higher else (q - tq)  # absolute, in the metric's units (config.Gates)
-                stats: dict[str, Any] = {"quality": q, **scores, "quality_drop": drop,
-                                         "size_mb": onnx_size_mb(m.path), "params": student_params}
+                q = scores["quality"]
+                stats: dict[str, Any] = {**scores, "size_mb": onnx_size_mb(m.path), "params": student_params}
                 if ctx.run.target.edge is not None:  # mobile usability per EP, the .ort file's quality (docs/edge.md)
                     stats.update(edge_stats(m.path, [model_inputs(b) for b in batches], s_out,
                                             lambda outs: score(batches, outs, t_out), metric, t.threads))
@@ -172,8 +166,7 @@ class Evaluate(Pass):
         PyTorch teacher, size, params. Files in this step's out_dir (cached with it). [] when they do not apply."""
         from compress.models.loading import count_params
         from compress.onnx.baselines import teacher_baselines, why_not
-        from compress.onnx.edge import run_fixed
-        from compress.onnx.runtime import make_session, onnx_size_mb
+        from compress.onnx.runtime import onnx_size_mb
 
         cfg: EvaluateConfig = self.config  # type: ignore[assignment]
         run = ctx.run
@@ -206,12 +199,9 @@ class Evaluate(Pass):
         metric, higher = evaluation.main_metric, evaluation.higher_is_better
         params = count_params(teacher)
         for b in made:
-            sess = make_session(b.path, provider=run.target.provider, threads=run.target.threads)
-            outs = [torch.from_numpy(next(iter(run_fixed(sess, model_inputs(x)).values()))) for x in t_batches]
-            scores = score(t_batches, outs, t_out)
-            q, tq = scores[metric], teacher_scores[metric]
+            _, scores = _score_onnx(b.path, run.target, t_batches, score, t_out, teacher_scores[metric], metric, higher)
             evaluation.baselines[BASELINE_PREFIX + b.name] = {
-                "quality": q, **scores, "quality_drop": (tq - q) if higher else (q - tq), "size_mb": onnx_size_mb(b.path),
+                **scores, "size_mb": onnx_size_mb(b.path),
                 "params": params, "label": b.label, "precision": b.precision, "method": b.method, "fused": b.fused}
         ctx.metrics["teacher_baselines"] = [BASELINE_PREFIX + b.name for b in made]
         return made
@@ -241,6 +231,22 @@ class Evaluate(Pass):
 
 
 BASELINE_PREFIX = "teacher-"  # evaluation.baselines keys: teacher-fp32, teacher-int8-dynamic, teacher-int8-static
+
+
+def _score_onnx(path: Any, target: Any, batches: list[Any], score: Any, t_out: list[Any], teacher_quality: float,
+                metric: str, higher: bool) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """Run an ONNX file on the eval batches and score it against the teacher's outputs: (its outputs, {quality,
+    every score, quality_drop}). The drop is absolute, in the metric's units (config.Gates)."""
+    from compress.onnx.edge import run_fixed
+    from compress.onnx.runtime import make_session
+
+    sess = make_session(path, provider=target.provider, threads=target.threads)
+    # run_fixed: a fixed-shape edge graph gets the batches regrouped to its shapes; others as they are
+    outs = [torch.from_numpy(next(iter(run_fixed(sess, model_inputs(b)).values()))) for b in batches]
+    scores = score(batches, outs, t_out)
+    q = scores[metric]
+    return outs, {"quality": q, **scores,
+                  "quality_drop": (teacher_quality - q) if higher else (q - teacher_quality)}
 
 
 def _output(out: Any, name: str) -> torch.Tensor:
