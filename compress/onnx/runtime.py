@@ -302,12 +302,17 @@ def measure_latency(
         times.append((time.perf_counter() - t0) * 1e3)
         if max_seconds is not None and len(times) >= 3 and time.perf_counter() - start > max_seconds:
             break
-    arr = np.asarray(times, dtype=np.float64)
-    p50, p90 = np.percentile(arr, [50, 90])
-    stats = {"p50_ms": float(p50), "p90_ms": float(p90), "mean_ms": float(arr.mean()), "min_ms": float(arr.min()),
-             "std_ms": float(arr.std()), "runs": int(arr.size)}
+    stats = _latency_stats(times)
     log.debug("latency of %s on %s (threads %s): %s", path, provider, threads, stats)
     return stats
+
+
+def _latency_stats(times_ms: list[float]) -> dict[str, float]:
+    """p50 / p90 / mean / min / std (ms) and the count of a list of timed runs."""
+    arr = np.asarray(times_ms, dtype=np.float64)
+    p50, p90 = np.percentile(arr, [50, 90])
+    return {"p50_ms": float(p50), "p90_ms": float(p90), "mean_ms": float(arr.mean()), "min_ms": float(arr.min()),
+            "std_ms": float(arr.std()), "runs": int(arr.size)}
 
 
 def measure_latency_rounds(
@@ -353,10 +358,7 @@ def measure_latency_rounds(
             medians[n].append(float(np.median(got)))
     result: dict[str, dict[str, float]] = {}
     for n in names:
-        arr = np.asarray(times[n], dtype=np.float64)
-        p50, p90 = np.percentile(arr, [50, 90])
-        result[n] = {"p50_ms": float(p50), "p90_ms": float(p90), "mean_ms": float(arr.mean()), "min_ms": float(arr.min()),
-                     "std_ms": float(arr.std()), "runs": int(arr.size), "rounds": rounds}
+        result[n] = {**_latency_stats(times[n]), "rounds": rounds}
         if reference is not None:
             ratios = [a / b for a, b in zip(medians[reference], medians[n]) if b > 0]
             result[n]["speedup"] = float(np.median(ratios)) if ratios else float("nan")
