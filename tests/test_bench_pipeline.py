@@ -15,7 +15,8 @@ import yaml
 
 from compress.errors import InputError
 from compress.pipeline import Pipeline
-from tests.conftest import save_tiny_bert
+from compress.registry import register, unregister
+from tests.conftest import make_config, save_tiny_bert
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +30,16 @@ def _bench():
 
 
 bench = _bench()
+unregister(bench.PlainInit.type)  # registered only while this module's tests run (see _plain_init_pass)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _plain_init_pass():
+    """The benchmark's own pass, registered for these tests only: left registered, every later test would see a
+    pass compress does not ship (`compress passes` in a fresh process lists the shipped ones)."""
+    register(bench.PlainInit)
+    yield
+    unregister(bench.PlainInit.type)
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +51,10 @@ FINETUNE = {"type": "finetune", "steps": 3, "batch_size": 16, "lr": 1e-3}
 
 
 def _run(tmp_path: Path, model_dir: Path, data: Path, passes: list[dict]) -> Path:
-    cfg = {
-        "name": "bench-tiny",
-        "model": {"path": str(model_dir), "task": "sequence-classification", "max_length": 16},
-        "data": {"train": {"path": str(data / "train.jsonl")}, "eval": {"path": str(data / "eval.jsonl")},
-                 "calibration": {"path": str(data / "calib.jsonl")}},
-        "passes": passes,
-        "target": {"batch_size": 1, "seq_len": 16, "threads": 1, "warmup": 1, "runs": 3},
-        "output": str(tmp_path / "run"),
-    }
-    path = tmp_path / "model.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    path = make_config(tmp_path, model_dir, data, passes, name="bench-tiny",
+                       model={"path": str(model_dir), "task": "sequence-classification", "max_length": 16},
+                       target={"batch_size": 1, "seq_len": 16, "threads": 1, "warmup": 1, "runs": 3},
+                       output=str(tmp_path / "run"))
     from compress.config import load_config
 
     res = Pipeline(load_config(path), progress=False).run()

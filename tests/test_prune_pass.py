@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from compress.cli import main
-from tests.conftest import one_line_error, save_tiny_bert
+from tests.conftest import make_config, one_line_error, save_tiny_bert
 
 
 @pytest.fixture(scope="module")
@@ -19,18 +19,9 @@ def bert4_dir(tmp_path_factory) -> Path:
 
 
 def _write(tmp_path: Path, model_dir: Path, data: Path, passes: list[dict], task: str = "sequence-classification") -> Path:
-    cfg = {
-        "name": "prune",
-        "model": {"path": str(model_dir), "task": task, "max_length": 16},
-        "data": {"train": {"path": str(data / "train.jsonl")}, "eval": {"path": str(data / "eval.jsonl")},
-                 "calibration": {"path": str(data / "calib.jsonl")}},
-        "passes": passes,
-        "target": {"batch_size": 1, "seq_len": 16, "threads": 1, "warmup": 1, "runs": 3},
-        "output": str(tmp_path / "out"),
-    }
-    path = tmp_path / "model.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
+    return make_config(tmp_path, model_dir, data, passes, name="prune",
+                       model={"path": str(model_dir), "task": task, "max_length": 16},
+                       target={"batch_size": 1, "seq_len": 16, "threads": 1, "warmup": 1, "runs": 3})
 
 
 def _report(tmp_path: Path) -> dict:
