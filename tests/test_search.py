@@ -291,6 +291,34 @@ def test_a_budget_nobody_meets_exits_2_naming_it(tmp_path, data_dir, capsys):
     assert "max_size_mb 0.01: no candidate meets it (smallest measured: " in err
 
 
+def test_min_speedup_budgets_relative_to_the_teacher_timed_in_the_run(tmp_path, data_dir, capsys):
+    """min_speedup: the teacher is exported and timed on the target in the same run (cached like a shape), and
+    every chosen shape's p50 is at most the teacher's / min_speedup; a speedup nobody reaches names min_speedup."""
+    # 8 layers against 1: the int8 students are several times faster than the teacher's int8, with room for noise
+    teacher = save_tiny_bert(tmp_path / "bert", layers=8, seed=0)
+    search = {"type": "search", "space": {"layers": [1], "ffn": [32, 64]}, "min_speedup": 1.2,
+              "speedup_over": "int8", "iterations": 4, "algorithm": "random", "batch_size": 8, "measure_runs": 5,
+              "latency_model": False, "latency_tolerance": 100.0}
+    cfg = make_config(tmp_path, teacher, data_dir, passes=[search])
+    assert _run(cfg) == 0
+    m = json.loads((tmp_path / "out" / "report.json").read_text())["passes"][0]["metrics"]
+    assert m["teacher_latency_ms"] > 0 and m["speedup_over"] == "int8"
+    assert m["budget_latency_ms"] == pytest.approx(m["teacher_latency_ms"] / 1.2)
+    assert m["budget_latency_from"].startswith("min_speedup 1.2 (teacher int8 p50 ")
+    for t in m["trials"]:
+        assert t["feasible"] == (t["latency_ms"] <= m["budget_latency_ms"]), t
+    assert m["chosen_latency_ms"] <= m["budget_latency_ms"] and "lower p50 than the teacher (int8)" in m["why"]
+    misses = m["latency_cache_misses"]
+    assert misses == len({t["shape"] for t in m["trials"]}) + 1  # the shapes and the teacher, once each
+
+    cfg = make_config(tmp_path, teacher, data_dir, passes=[{**search, "min_speedup": 1000.0}])
+    assert _run(cfg) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "min_speedup 1000 (teacher int8 p50 " in err and "lower min_speedup or add smaller values" in err
+    # the second run found the teacher's timing in the cache: its budget is the same teacher p50 / 1000
+    assert f"{m['teacher_latency_ms']:.3f} ms / 1000" in err
+
+
 def test_search_config_errors(tmp_path, tiny_bert_dir, data_dir, capsys):
     passes = [{"type": "search", "space": {"layers": [1]}}, {"type": "distill", "student_layers": 1}]
     cfg = make_config(tmp_path, tiny_bert_dir, data_dir, passes=passes)

@@ -33,6 +33,12 @@ class SearchConfig(PassConfig):
 
     space: SpaceConfig = Field(default_factory=SpaceConfig, description="Values of each dimension to try.")
     max_latency_ms: float | None = Field(None, gt=0, description="Budget: p50 latency of the int8 student on `target` (ms).")
+    min_speedup: float | None = Field(None, gt=1, description="Budget relative to the teacher, portable across "
+                                      "machines: the int8 student's p50 must be at least this many times lower than "
+                                      "the teacher's on `target` (timed in the same run, cached like a shape). With "
+                                      "max_latency_ms too, the tighter of the two holds.")
+    speedup_over: Literal["fp32", "int8"] = Field("fp32", description="min_speedup's reference: the teacher's fp32 ONNX "
+                                                  "export, or its dynamic-int8 one (what users ship today).")
     max_params: int | None = Field(None, gt=0, description="Budget: parameters of the student.")
     max_size_mb: float | None = Field(None, gt=0, description="Budget: size of the student's dynamic-int8 ONNX file (MB).")
     score: Literal["diswot", "params", "kd"] = Field("diswot", description="How candidates are ranked at init: DisWOT, "
@@ -75,7 +81,8 @@ class Search(Pass):
     type = "search"
     Config = SearchConfig
     # 2: the load guard (noisy latencies are measured again, never cached); a trimmed student carries vocab_kept.json
-    version = "2"
+    # 3: min_speedup (a latency budget relative to the teacher timed in the same run)
+    version = "3"
     uses_data = ("train",)
     uses_target = True
     consumes = (Kind.TEACHER,)
@@ -161,6 +168,37 @@ class Search(Pass):
         def note(name: str, value: float) -> None:
             seen_min[name] = min(seen_min.get(name, math.inf), value)
 
+        def timed(model: Any, folder: Any, precision: str = "int8") -> dict[str, Any]:
+            """Export `model` once and time it (between load-guard probes); clean timings are the caller's to cache."""
+            exported = export_for_timing(model, task, target, folder, op_types=op_types, precision=precision)
+            if cfg.latency_guard:  # a noisy measurement is timed again, not exported again
+                return guarded_measure(lambda: time_graph(exported, target), lambda: probe(target, probe_dir),
+                                       cache, retries=cfg.latency_retries)
+            return time_graph(exported, target)
+
+        def keep(key: str, name: str, measured: dict[str, Any]) -> None:
+            if measured.get("noisy"):  # measured under load: used in this run, never persisted
+                noisy.append(name)
+            else:
+                cache.put(key, measured)
+
+        budget_ms, budget_from = cfg.max_latency_ms, "max_latency_ms"
+        teacher_ms = None
+        if cfg.min_speedup is not None:
+            key = cache_key({"teacher": shape.candidate().to_dict(), **family_key, "task": task,
+                             "precision": cfg.speedup_over}, tdict, versions)
+            teacher_lat = cache.get(key)
+            if teacher_lat is None:
+                teacher_lat = timed(teacher, ctx.work_dir / "latency" / f"teacher-{cfg.speedup_over}", cfg.speedup_over)
+                keep(key, f"teacher-{cfg.speedup_over}", teacher_lat)
+            teacher_ms = float(teacher_lat["p50_ms"])
+            relative = teacher_ms / cfg.min_speedup
+            if budget_ms is None or relative < budget_ms:
+                budget_ms = relative
+                budget_from = (f"min_speedup {cfg.min_speedup:g} (teacher {cfg.speedup_over} p50 {teacher_ms:.3f} ms "
+                               f"/ {cfg.min_speedup:g} = {relative:.3f} ms)")
+            log.info("search: latency budget %.3f ms from %s", budget_ms, budget_from)
+
         def evaluate(cand: Any) -> evolve.Trial:
             plan = plan_for(teacher, cand, scores, layers=cfg.inherit_layers, kept_vocab=kept_vocab)
             params = count_params(teacher, plan) + (shape.hidden if plan.vocab is not None else 0)  # + the dropped-token row
@@ -172,9 +210,8 @@ class Search(Pass):
             shape_d = cand.to_dict()
             predicted = lat_model.predict(shape_d) if lat_model is not None else None
             trial.predicted_ms = predicted
-            if (predicted is not None and cfg.max_latency_ms is not None
-                    and predicted > cfg.max_latency_ms * (1 + cfg.latency_margin)):
-                trial.reason = f"predicted latency {predicted:.3f} ms > {cfg.max_latency_ms} ms (+{cfg.latency_margin:.0%})"
+            if predicted is not None and budget_ms is not None and predicted > budget_ms * (1 + cfg.latency_margin):
+                trial.reason = f"predicted latency {predicted:.3f} ms > {budget_ms:.3f} ms (+{cfg.latency_margin:.0%})"
                 return trial
             key = cache_key({**shape_d, **family_key, "task": task, "vocab_kept": len(kept_vocab) if cand.trim_vocab and kept_vocab else None},
                             tdict, versions)
@@ -183,18 +220,9 @@ class Search(Pass):
             if measured is None:
                 student, _ = build_student(teacher, cand, scores, layers=cfg.inherit_layers, init=cfg.init,
                                            kept_vocab=kept_vocab, unk_id=unk, seed=seed)
-                exported = export_for_timing(student, task, target, ctx.work_dir / "latency" / cand.key(),
-                                             op_types=op_types)  # once: a noisy measurement is timed again only
-                if cfg.latency_guard:
-                    measured = guarded_measure(lambda: time_graph(exported, target), lambda: probe(target, probe_dir),
-                                               cache, retries=cfg.latency_retries)
-                else:
-                    measured = time_graph(exported, target)
-                if measured.get("noisy"):  # measured under load: used in this run, never persisted
-                    trial.noisy = measured["noisy"]
-                    noisy.append(cand.key())
-                else:
-                    cache.put(key, measured)
+                measured = timed(student, ctx.work_dir / "latency" / cand.key())
+                trial.noisy = measured.get("noisy")
+                keep(key, cand.key(), measured)
             else:
                 trial.cached = True
             if lat_model is not None:
@@ -205,8 +233,8 @@ class Search(Pass):
             if cfg.max_size_mb is not None and trial.size_mb > cfg.max_size_mb:
                 trial.reason = f"int8 size {trial.size_mb:.2f} MB > {cfg.max_size_mb} MB"
                 return trial
-            if cfg.max_latency_ms is not None and trial.latency_ms > cfg.max_latency_ms:
-                trial.reason = f"latency {trial.latency_ms:.3f} ms > {cfg.max_latency_ms} ms"
+            if budget_ms is not None and trial.latency_ms > budget_ms:
+                trial.reason = f"latency {trial.latency_ms:.3f} ms > {budget_ms:.3f} ms"
                 return trial
             if student is None:
                 student, _ = build_student(teacher, cand, scores, layers=cfg.inherit_layers, init=cfg.init,
@@ -234,7 +262,7 @@ class Search(Pass):
         trials = memo.distinct()
         chosen = evolve.best(trials)
         if chosen is None:
-            raise InputError(self._nobody_fits(cfg, trials, seen_min, where))
+            raise InputError(self._nobody_fits(cfg, trials, seen_min, where, budget_ms, budget_from))
         front = evolve.pareto_front(trials)
         front_keys = {t.candidate for t in front}
         rows = [{**t.to_dict(), "pareto": t.candidate in front_keys} for t in trials]
@@ -246,12 +274,16 @@ class Search(Pass):
 
             pre = trim_tokenizer(pre, kept_vocab)
         feasible = [t for t in trials if t.feasible]
-        budgets = ", ".join(f"{k} {v:g}" for k, v in (("p50 ms <=", cfg.max_latency_ms), ("params <=", cfg.max_params),
+        budgets = ", ".join(f"{k} {v:.4g}" for k, v in (("p50 ms <=", budget_ms), ("params <=", cfg.max_params),
                                                       ("int8 MB <=", cfg.max_size_mb)) if v is not None) or "no budget"
         terms = ", ".join(f"{k} {v:.4g}" for k, v in chosen.terms.items())
         why = (f"highest {cfg.score} score ({chosen.score:.4g}: {terms}) of {len(feasible)} shapes meeting {budgets} "
                f"({len(trials)} distinct shapes evaluated, {len(trials) - len(feasible)} rejected); "
                f"p50 {chosen.latency_ms:.3f} ms, int8 {chosen.size_mb:.2f} MB, {chosen.params} params")
+        if teacher_ms is not None:
+            why += (f"; latency budget from {budget_from}" if budget_from != "max_latency_ms" else
+                    f"; max_latency_ms is tighter than min_speedup {cfg.min_speedup:g} (teacher {teacher_ms:.3f} ms)")
+            why += f"; {teacher_ms / chosen.latency_ms:.2f}x lower p50 than the teacher ({cfg.speedup_over})"
         if chosen.noisy:
             why += f"; its latency was measured under load ({chosen.noisy}) and not cached"
         lat_err = lat_model.error() if lat_model is not None else None
@@ -280,7 +312,8 @@ class Search(Pass):
             quantize_embeddings=q_emb, latency_cache_hits=cache.hits, latency_cache_misses=cache.misses,
             latency_model=lat_err, latency_noisy=noisy, latency_cache_stale=cache.stale,
             latency_probe_baseline_ms=cache.baseline(),
-            teacher_params=count_params(teacher), budget_latency_ms=cfg.max_latency_ms,
+            teacher_params=count_params(teacher), budget_latency_ms=budget_ms, budget_latency_from=budget_from,
+            teacher_latency_ms=teacher_ms, speedup_over=cfg.speedup_over if teacher_ms is not None else None,
             pareto=[r for r in rows if r["pareto"]], trials=rows,
         )
         ctx.event("search_chosen", shape=chosen.candidate.key(), why=why)
@@ -292,17 +325,22 @@ class Search(Pass):
         return artifact.replace(model_dir=folder)
 
     @staticmethod
-    def _nobody_fits(cfg: SearchConfig, trials: list[Any], seen_min: dict[str, float], where: str) -> str:
-        budgets = {"max_params": cfg.max_params, "max_size_mb": cfg.max_size_mb, "max_latency_ms": cfg.max_latency_ms}
+    def _nobody_fits(cfg: SearchConfig, trials: list[Any], seen_min: dict[str, float], where: str,
+                     budget_ms: float | None = None, budget_from: str = "max_latency_ms") -> str:
+        relative = budget_from != "max_latency_ms"
+        fix = {"max_latency_ms": "lower min_speedup" if relative else "raise max_latency_ms"}
+        budgets = {"max_params": cfg.max_params, "max_size_mb": cfg.max_size_mb, "max_latency_ms": budget_ms}
         for name, budget in budgets.items():
             if budget is not None and name in seen_min and seen_min[name] > budget:
-                return (f"{where}: {name} {budget:g}: no candidate meets it (smallest measured: {seen_min[name]:.4g} "
-                        f"over {len(trials)} shapes); raise {name} or add smaller values to the space")
+                label = budget_from if name == "max_latency_ms" and relative else f"{name} {budget:g}"
+                return (f"{where}: {label}: no candidate meets it (smallest measured: {seen_min[name]:.4g} "
+                        f"over {len(trials)} shapes); {fix.get(name, f'raise {name}')} or add smaller values to the space")
         predicted = [t.predicted_ms for t in trials if t.predicted_ms is not None and t.latency_ms is None]
-        if predicted and cfg.max_latency_ms is not None:
-            return (f"{where}: max_latency_ms {cfg.max_latency_ms:g}: no candidate meets it (smallest predicted "
+        if predicted and budget_ms is not None:
+            label = budget_from if relative else f"max_latency_ms {budget_ms:g}"
+            return (f"{where}: {label}: no candidate meets it (smallest predicted "
                     f"{min(predicted):.4g} ms, smallest measured {seen_min.get('max_latency_ms', math.nan):.4g} ms); "
-                    "raise it, add smaller values to the space or set latency_model false")
+                    f"{fix['max_latency_ms'].split()[0]} it, add smaller values to the space or set latency_model false")
         mins = ", ".join(f"{k} {v:.4g}" for k, v in seen_min.items())
         return (f"{where}: no candidate meets every budget at once (smallest measured: {mins}); raise a budget or add "
                 "smaller values to the space")
