@@ -50,6 +50,12 @@ class Gates(Strict):
     )
     max_latency_ms: float | None = Field(None, gt=0, description="Largest allowed p50 latency of the final student on `target`.")
     max_size_mb: float | None = Field(None, gt=0, description="Largest allowed size on disk of the final student ONNX file.")
+    min_latency_x: float | None = Field(
+        None, gt=0, description="Smallest allowed speedup of the final student over the teacher in ONNX Runtime (fp32): "
+        "the teacher's p50 / the student's, timed interleaved on `target` by evaluate (its teacher_baselines). "
+        "Unlike max_latency_ms it holds on any machine.")
+    min_size_x: float | None = Field(
+        None, gt=0, description="Smallest allowed size reduction: the teacher's fp32 ONNX file over the final student's.")
     min_fidelity: float | None = Field(
         None, ge=0, le=1, description="Smallest allowed fidelity to the teacher (prediction agreement or cosine)."
     )

@@ -398,13 +398,19 @@ def check_pipeline(run: RunConfig, file: str) -> list[Pass]:
 def check_gates_measurable(run: RunConfig, passes: list[Pass], file: str) -> None:
     g = run.gates
     made = {kind for p in passes for kind in p.produces}
-    needs_eval = [n for n in ("max_quality_drop", "max_latency_ms", "min_fidelity", "min_retrieval_agreement",
+    needs_eval = [n for n in ("max_quality_drop", "max_latency_ms", "min_latency_x", "min_size_x", "min_fidelity",
+                              "min_retrieval_agreement",
                               "max_perplexity_increase", "min_top1_agreement", "min_ep_coverage", "max_ep_partitions")
                   if getattr(g, n) is not None]
     if needs_eval and Kind.EVALUATION not in made:
         raise ConfigError(
             f"{file}: gates.{needs_eval[0]}: nothing measures it; add {{type: evaluate}} to passes or remove the gate"
         )
+    for name in ("min_latency_x", "min_size_x"):
+        off = [p for p in passes if p.type == "evaluate" and not getattr(p.config, "teacher_baselines", True)]
+        if getattr(g, name) is not None and off:
+            raise ConfigError(f"{file}: gates.{name}: needs the teacher's ONNX baseline; set teacher_baselines: true "
+                              f"on the evaluate pass or remove the gate")
     if g.max_size_mb is not None and Kind.ONNX not in made:
         raise ConfigError(f"{file}: gates.max_size_mb: no ONNX student is made; add {{type: export}} to passes")
 
@@ -436,6 +442,12 @@ def evaluate_gates(run: RunConfig, artifact: Artifact, partial: bool = False) ->
         lat = stats.get("latency_p50_ms")
         gate("max_latency_ms", g.max_latency_ms, lat, None if lat is None else lat <= g.max_latency_ms,
              f"p50 {lat if lat is None else round(lat, 3)} ms vs limit {g.max_latency_ms} ms")
+    for name, key, what in (("min_latency_x", "latency_x", "p50 speedup"), ("min_size_x", "size_x", "size reduction")):
+        limit = getattr(g, name)
+        if limit is not None:
+            x = stats.get(key)
+            gate(name, limit, x, None if x is None else x >= limit,
+                 f"{what} over the fp32 ORT teacher {'not measured' if x is None else f'{x:.2f}x'} vs minimum {limit:g}x")
     if g.max_size_mb is not None:
         size = stats.get("size_mb")
         if size is None and final is not None:

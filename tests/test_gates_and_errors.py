@@ -40,6 +40,8 @@ def exported(tmp_path_factory, tiny_bert_dir):
     (["gates.max_latency_ms=0.000001"], "max_latency_ms"),
     # configured but not measured (no latency measured) is a failure, not a pass
     (["passes.2.latency=false", "gates.max_latency_ms=1000"], "max_latency_ms"),
+    (["gates.min_size_x=1000"], "min_size_x"),
+    (["gates.min_latency_x=1000"], "min_latency_x"),
 ])
 def test_each_gate_can_fail(exported, capsys, sets, gate):
     cfg, out = exported
@@ -49,6 +51,23 @@ def test_each_gate_can_fail(exported, capsys, sets, gate):
     rep = _report(out)
     assert [g["name"] for g in rep["gates"] if g["passed"] is False] == [gate]
     assert rep["status"] == "gate_failed"
+
+
+def test_ratio_gates_read_the_evaluated_ratios_against_the_fp32_teacher(exported, capsys):
+    """min_size_x / min_latency_x hold the shipped int8 model's size_x / latency_x (evaluate's teacher baselines):
+    the tiny teacher's int8 copy is hardly smaller (its float embedding table is most of it), so 1.0x < it < 2x."""
+    cfg, out = exported
+    assert main(["run", str(cfg), "-q", "--set", "gates.min_size_x=1", "--set", "gates.min_latency_x=0.01"]) == 0
+    rep = _report(out)
+    gates = {g["name"]: g for g in rep["gates"]}
+    assert gates["min_size_x"]["passed"] and 1 < gates["min_size_x"]["value"] < 2
+    assert gates["min_latency_x"]["passed"] and gates["min_latency_x"]["value"] > 0.01
+    assert "size reduction over the fp32 ORT teacher 1.0" in gates["min_size_x"]["detail"]
+    cfg2 = cfg.parent / "off.yaml"
+    cfg2.write_text(cfg.read_text())
+    assert main(["validate", str(cfg2), "--set", "gates.min_latency_x=2", "--set", "passes.2.teacher_baselines=false"]) == 2
+    assert "gates.min_latency_x: needs the teacher's ONNX baseline; set teacher_baselines: true" in \
+        _one_line(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("passes, words", [
