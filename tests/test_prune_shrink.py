@@ -337,3 +337,26 @@ def test_real_minilm_pruned_to_a_plain_bert_of_the_issue_shape(tmp_path: Path) -
     assert type(reloaded).__name__ == "BertModel"
     onnx_path = export_onnx(pruned, inputs, tmp_path / "m.onnx", task="feature-extraction")
     assert check_parity(pruned, onnx_path, inputs, task="feature-extraction", atol=1e-4).ok
+
+
+def test_attention_terms_skip_a_layer_whose_attention_was_pruned_away() -> None:
+    """A student with a removed attention sub-layer (heads: []) distils with the attention-map and attention-output
+    terms on: the removed layer is left out of both (it has no map), the other layers still count."""
+    import copy
+
+    from compress.distill.objective import DistillObjective, ObjectiveConfig
+
+    teacher = _build("bert")
+    student = shrink(copy.deepcopy(teacher), KeepPlan(heads={0: [], 1: [1, 2]}))
+    cfg = ObjectiveConfig(weights={"logit": 1.0, "hidden": 1.0, "attention": 1.0, "attention_output": 1.0})
+    obj = DistillObjective(student, teacher, cfg, task="sequence-classification")
+    batch = {"input_ids": torch.randint(5, 90, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    out = obj(batch)
+    assert {"attention", "attention_output"} <= set(out.terms)
+    assert all(torch.isfinite(v) for v in out.terms.values())
+    out.total.backward()
+    assert student.bert.encoder.layer[1].attention.self.query.weight.grad is not None
+    with get_adapter(student).capture(hidden_states=False, attentions=True, attention_outputs=True) as cap:
+        student(**batch)
+    assert cap.attentions[0] is None and cap.attention_outputs[0] is None
+    assert cap.attentions[1].shape[1] == 2 and cap.attention_outputs[2] is not None

@@ -252,13 +252,17 @@ class DistillObjective:
                        for s, t in live]
             terms["hidden"] = sum(hid) / len(hid)
         blocks = [(s, t) for s, t in live if s >= 1 and t >= 1]
-        if w.attention > 0 and blocks:
+        # a layer whose attention was pruned away (compress.prune) has no map and no output to match: left out
+        att = [(s, t) for s, t in blocks if sc.attentions[s - 1] is not None and tc.attentions[t - 1] is not None]
+        if w.attention > 0 and att:
             terms["attention"] = sum(
-                losses.attention_kl(sc.attentions[s - 1], tc.attentions[t - 1], mask) for s, t in blocks) / len(blocks)
-        if w.attention_output > 0 and blocks:
+                losses.attention_kl(sc.attentions[s - 1], tc.attentions[t - 1], mask) for s, t in att) / len(att)
+        out = [(s, t) for s, t in blocks
+               if sc.attention_outputs[s - 1] is not None and tc.attention_outputs[t - 1] is not None]
+        if w.attention_output > 0 and out:
             terms["attention_output"] = sum(
                 losses.attention_output_mse(self.projections[str(s)](sc.attention_outputs[s - 1]),
-                                            tc.attention_outputs[t - 1], mask) for s, t in blocks) / len(blocks)
+                                            tc.attention_outputs[t - 1], mask) for s, t in out) / len(out)
         if w.relation > 0:
             heads = cfg.relation_heads or self.s_ad.num_heads
             terms["relation"] = losses.minilm_relation_kl(sc.q[-1], sc.k[-1], sc.v[-1], tc.q[-1], tc.k[-1], tc.v[-1],

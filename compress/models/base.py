@@ -52,6 +52,8 @@ autograd graph unless `detach=True`, so distillation losses can back-propagate t
   more robust than recomputing softmax(QK^T) from captured projections.
 * `attention_outputs`: the o-projection's output `[B, T, hidden]` per layer: the attention sub-layer's output
   before dropout, the residual and (post-norm families) the LayerNorm.
+  A layer whose attention was pruned away (`compress.prune.units.EmptyAttention`) keeps None in both lists;
+  the distillation objective leaves it out of the attention terms.
 * `q`, `k`, `v`: projection outputs `[B, T, H*head_dim]` (k, v: `[B, T, KV*head_dim]`), before any reshape and
   before RoPE (LLaMA/Qwen2 rotate inside the attention function).
 """
@@ -510,9 +512,10 @@ class ModelAdapter:
                 i, att = lv.index, lv.attention
                 if hidden_states:
                     handles.append(lv.module.register_forward_hook(_into(cap, "layer_outputs", i, keep)))
-                if attentions:
+                removed = getattr(att.module, "removed", False)  # pruned away (compress.prune.units): entries stay None
+                if attentions and not removed:
                     handles.append(att.module.register_forward_hook(self._probs_hook(cap, i, keep)))
-                if attention_outputs:
+                if attention_outputs and not removed:
                     handles.append(att.o.register_forward_hook(_into(cap, "attention_outputs", i, keep)))
                 if qkv and att.fused_qkv:
                     handles.append(att.q.register_forward_hook(_fused_qkv_hook(cap, i, att, keep)))

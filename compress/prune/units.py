@@ -109,6 +109,8 @@ class EmptyAttention(nn.Module):
     (that one is a `ZeroProjection`). Zero-width q/k/v/o linears sit at the family's paths so the model
     adapter still sees the layer (with 0 heads)."""
 
+    removed = True  # read by ModelAdapter.capture: no attention probabilities to record
+
     def __init__(self, zeros: bool):
         super().__init__()
         self.zeros = zeros
