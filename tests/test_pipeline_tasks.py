@@ -29,7 +29,8 @@ def test_causal_lm(tmp_path, tiny_gpt2_dir):
         "data": {"train": {"path": "text.jsonl", "label": None}, "eval": {"path": "text.jsonl", "label": None}},
         "passes": [{"type": "finetune", "steps": 3, "batch_size": 8, "lr": 1e-3}, {"type": "export"},
                    {"type": "ptq", "methods": ["dynamic"]}, {"type": "evaluate", "max_examples": 16}],
-        "gates": {"max_quality_drop": 2.0},  # perplexity points (absolute); int8 costs about 0.4 of ~27000
+        # perplexity points (absolute): int8 costs about 0.4 of ~27000, 3.5 with the 7-bit weights of a CPU without VNNI
+        "gates": {"max_quality_drop": 10.0},
     })
     ev = rep["evaluation"]
     assert ev["main_metric"] == "perplexity" and ev["higher_is_better"] is False

@@ -292,3 +292,17 @@ def test_qat_without_calibration_data_exit_2(tmp_path, tiny_bert_dir, data_dir, 
     assert main(["run", str(cfg), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "data.calibration" in err[0]
+
+
+def test_reduce_range_auto_follows_the_cpu_flags():
+    """Without VNNI (AVX2 only) ORT's u8s8 kernels saturate in int16 and 8-bit QAT loses parity: auto picks 7-bit
+    weights there, 8-bit with VNNI or off x86; an explicit value is kept."""
+    from compress.onnx.cpu import int8_saturates
+    from compress.quant.fake import QuantSpec
+
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    vnni = "flags\t\t: fpu sse2 avx avx2 avx512f avx512_vnni\n"
+    assert int8_saturates.__wrapped__(avx2) is True and int8_saturates.__wrapped__(vnni) is False
+    assert int8_saturates.__wrapped__("flags : avx2 avx_vnni") is False and int8_saturates.__wrapped__("no flags") is False
+    assert QuantSpec().reduce_range is int8_saturates() and QuantSpec(reduce_range=False).reduce_range is False
+    assert QuantSpec(reduce_range=True).act_qmax == 127 and QuantSpec(reduce_range=False).act_qmax == 255

@@ -42,9 +42,10 @@ class PTQConfig(PassConfig):
         "auto", description="Also store embedding tables (Gather) as int8: much smaller files (the word embeddings "
         "are most of a small encoder), at some latency cost in ONNX Runtime on CPU. auto: on for sentence-"
         "embedding students (docs/embeddings.md), off otherwise.")
-    reduce_range: bool = Field(
-        False, description="7-bit weights (and, static, 7-bit activations): for x86 CPUs without VNNI, where u8s8 "
-        "int8 products summed in int16 can saturate (docs/quantization.md).")
+    reduce_range: bool | Literal["auto"] = Field(
+        "auto", description="7-bit weights (and, static, 7-bit activations): for x86 CPUs without VNNI, where u8s8 "
+        "int8 products summed in int16 can saturate (docs/quantization.md). auto: on when the CPU running the pass "
+        "lacks VNNI (compress.onnx.cpu; part of the cache key).")
     static_outputs: Literal["float", "int8"] = Field(
         "float", description="Static int8: what a quantized MatMul/Gemm outputs. float: no QuantizeLinear after it, "
         "so ORT runs DQ -> MatMul as one MatMulIntegerToFloat kernel (fewer float<->int8 conversions, "
@@ -61,8 +62,8 @@ class PTQ(Pass):
     type = "ptq"
     Config = PTQConfig
     # 4: typed model-file records in the artifact; 5: reduce_range; 6: int4 weight-only; 7: static int8 MatMuls with
-    # float outputs (MatMulIntegerToFloat) by default, what ORT runs per method in the metrics
-    version = "7"
+    # float outputs (MatMulIntegerToFloat) by default, what ORT runs per method in the metrics; 8: reduce_range auto
+    version = "8"
     uses_data = ("calibration", "train")
     uses_edge = True  # target.edge: weight MatMuls only, LayerNorm spelled out again, .ort (pipeline cache key)
     consumes = (Kind.ONNX_FP32,)
@@ -80,12 +81,21 @@ class PTQ(Pass):
             return "static quantization needs data.calibration (or data.train) to calibrate on"
         return None
 
+    def reads_from_run(self, run: Any) -> Any:
+        from compress.onnx.cpu import reduce_range_key
+
+        return reduce_range_key(self.config.reduce_range)  # type: ignore[attr-defined]
+
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
         from compress.onnx.quantize import quantize_dynamic_int8, quantize_static_qdq
         from compress.onnx.parity import cosine_similarity
         from compress.onnx.runtime import make_session, onnx_size_mb, run_session
 
+        from compress.onnx.cpu import resolve_reduce_range
+
         cfg: PTQConfig = self.config  # type: ignore[assignment]
+        reduce_range = resolve_reduce_range(cfg.reduce_range)
+        ctx.metrics["reduce_range"] = reduce_range
         fp32 = artifact.fp32_onnx()
         if fp32 is None:
             raise InputError(f"passes: '{ctx.label}' needs an fp32 ONNX model; put {{type: export}} before it")
@@ -128,12 +138,12 @@ class PTQ(Pass):
                                            embeddings=o.embeddings)
                     ctx.metrics.update({f"int4_{k}": v for k, v in counts.items()})
                 elif method == "dynamic":
-                    quantize_dynamic_int8(src, dst, op_types=op_types, reduce_range=cfg.reduce_range)
+                    quantize_dynamic_int8(src, dst, op_types=op_types, reduce_range=reduce_range)
                 else:
                     assert calib is not None
                     edge = ctx.run.target.edge is not None
                     quantize_static_qdq(src, dst, calib, per_channel=cfg.per_channel, method=cfg.calibration,
-                                        op_types=op_types, activations=cfg.activations, reduce_range=cfg.reduce_range,
+                                        op_types=op_types, activations=cfg.activations, reduce_range=reduce_range,
                                         weight_matmuls_only=edge, float_outputs=cfg.static_outputs == "float" and not edge)
                 made[method] = dst
                 bar.advance()

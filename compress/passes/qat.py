@@ -50,9 +50,10 @@ class QATConfig(ObjectiveConfig, TeacherConfig, TrainConfig):
         "before fake quantization; the layer map is then the identity).")
     weight_bits: int = Field(8, description="Weight bits: 8, 7 (reduce range), 4 or 2 (ternary); stored as int8.")
     activation_bits: int = Field(8, description="Activation bits: 8 (uint8 with zero point, U8S8) is what the export holds.")
-    reduce_range: bool = Field(
-        False, description="7-bit weights and activations in (0, 127): for x86 CPUs without VNNI (before Cascade "
-        "Lake / Zen 4), where u8s8 int8 multiplies add pairs in int16 and can saturate.")
+    reduce_range: bool | Literal["auto"] = Field(
+        "auto", description="7-bit weights and activations in (0, 127): for x86 CPUs without VNNI (before Cascade "
+        "Lake / Zen 4), where u8s8 int8 multiplies add pairs in int16 and can saturate. auto: on when the CPU "
+        "running the pass lacks VNNI (part of the cache key; the metric reduce_range says what was used).")
     quantize_activations: bool = Field(True, description="Fake-quantize the input of every Linear (static uint8); False: weight-only QAT.")
     quantize_head: bool = Field(True, description="Also quantize the Linear layers outside the transformer layers (pooler, classifier).")
     quantize_embeddings: bool = Field(True, description="Also store the embedding tables as int8 (per row).")
@@ -83,7 +84,8 @@ class QATConfig(ObjectiveConfig, TeacherConfig, TrainConfig):
         from compress.quant.fake import QuantSpec
 
         return QuantSpec(weight_bits=self.weight_bits, activation_bits=self.activation_bits,
-                         reduce_range=self.reduce_range, lsq=self.lsq, quantize_activations=self.quantize_activations,
+                         reduce_range=None if self.reduce_range == "auto" else self.reduce_range, lsq=self.lsq,
+                         quantize_activations=self.quantize_activations,
                          head=self.quantize_head, embeddings=self.quantize_embeddings,
                          attention_qk=self.quantize_qk, attention_probs=self.quantize_attention_probs)
 
@@ -94,7 +96,7 @@ class QAT(Pass):
 
     type = "qat"
     Config = QATConfig
-    version = "5"  # 5: a trimmed vocabulary's id map goes on with the student (evaluate read the teacher through the trimmed tokenizer); 2: pooler/classifier Gemm biases split off (QGemm), the int8 graph fused by ORT's optimizer; 3: attention quantization options; 4: int8 embedding lookups export as Gather (was GatherND), edge targets
+    version = "7"  # 7: reduce_range auto (on without VNNI); 6: earlier PTQ models stay in the artifact (unshipped) for evaluate; 5: a trimmed vocabulary's id map goes on with the student (evaluate read the teacher through the trimmed tokenizer); 2: pooler/classifier Gemm biases split off (QGemm), the int8 graph fused by ORT's optimizer; 3: attention quantization options; 4: int8 embedding lookups export as Gather (was GatherND), edge targets
     uses_data = ("train", "calibration", "eval")
     uses_edge = True  # target.edge: the edge graph (fixed shapes, no fusion) and its .ort (pipeline cache key)
     consumes = (Kind.TORCH_STUDENT, Kind.TEACHER)
@@ -116,6 +118,11 @@ class QAT(Pass):
             return (f"{needs[0]}: the activation observers are calibrated on data.calibration, which is "
                     f"missing; add data.calibration (or set {needs[0]}: false)")
         return None
+
+    def reads_from_run(self, run: Any) -> Any:
+        from compress.onnx.cpu import reduce_range_key
+
+        return reduce_range_key(self.config.reduce_range)  # type: ignore[attr-defined]
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
         from compress.train.launch import run_training
@@ -182,7 +189,7 @@ class QAT(Pass):
             steps=result["steps"], final_loss=result["final_loss"], loss_curve=result["loss_curve"],
             term_curves=result["term_curves"], train_device=result["device"], resumed_from=result.get("resumed_from"),
             quantized_modules=len(names), calibration_batches=calibrated, teacher_source=cfg.teacher,
-            weight_bits=cfg.weight_bits, reduce_range=cfg.reduce_range, lsq=cfg.lsq,
+            weight_bits=cfg.weight_bits, reduce_range=cfg.quant_spec().reduce_range, lsq=cfg.lsq,
         )
         if not is_main_process():
             return artifact
@@ -252,8 +259,8 @@ class QAT(Pass):
 
         carry_id_map(artifact.model_dir, folder)  # a trimmed vocabulary: the teacher's ids go on (evaluate, ...)
         (folder / "qat-scales.json").write_text(json.dumps(state, indent=1))
-        # earlier quantized models came from the student before QAT; the fp32 export stays as the reference
-        kept = [ModelFile(m.path, m.precision, m.method, m.format, shipped=False) for m in artifact.models
-                if not m.quantized]
+        # the fp32 export and earlier PTQ models (of the student before QAT) stay, unshipped, as the references
+        # evaluate compares the QAT student with (on a CPU without VNNI, ORT's dynamic int8 can be the faster)
+        kept = [ModelFile(m.path, m.precision, m.method, m.format, shipped=False) for m in artifact.models]
         qat = ModelFile(path, precision="int8", method="qat", shipped=True)
         return artifact.replace(model_dir=folder, models=[*kept, qat], evaluation=None)

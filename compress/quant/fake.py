@@ -38,13 +38,21 @@ class QuantSpec:
 
     weight_bits: int = 8  # 8, 7 (reduce range), 4 or 2 (ternary)
     activation_bits: int = 8
-    reduce_range: bool = False  # 7-bit weights and activations in (0, 127): no u8s8 saturation without VNNI
+    # 7-bit weights and activations in (0, 127): no u8s8 saturation without VNNI. None: on when the CPU that runs
+    # ONNX Runtime here lacks VNNI (compress.onnx.cpu.int8_saturates), where 8-bit parity fails (cosine 0.988 on ViT)
+    reduce_range: bool | None = None
     lsq: bool = False  # learnable activation scales (LSQ)
     quantize_activations: bool = True
     head: bool = True  # also the Linear layers outside the transformer layers (pooler, classifier)
     embeddings: bool = True  # embedding tables int8 per row (Gather of int8 rows, times the row's scale)
     attention_qk: bool = False  # also Q and K^T, the inputs of the attention scores' MatMul (uint8 per tensor)
     attention_probs: bool = False  # also the attention probabilities and V, the inputs of the P x V MatMul
+
+    def __post_init__(self) -> None:
+        if self.reduce_range is None:
+            from compress.onnx.cpu import resolve_reduce_range
+
+            object.__setattr__(self, "reduce_range", resolve_reduce_range(None))
 
     @property
     def attention(self) -> bool:
