@@ -126,3 +126,19 @@ def test_no_baselines_when_off(tmp_path: Path, tiny_bert_dir: Path) -> None:
     assert rep["shipped"] == "student.onnx"
     md = (tmp_path / "out" / "report.md").read_text()
     assert "teacher fp32 (ORT" not in md and "Static vs dynamic" not in md
+
+
+@pytest.mark.parametrize("qat_x, says_why", [(2.2, True), (3.5, False)])
+def test_int8_note_compares_the_qat_student_with_dynamic_int8(qat_x: float, says_why: bool) -> None:
+    """The QAT student is a static QDQ graph too: the note compares it with ptq's dynamic int8 and, when it is the
+    slower one, says why it still ships (no VNNI) instead of leaving the reader to wonder."""
+    from compress.report.render import int8_note
+
+    rep = {"evaluation": {"variants": {
+        "int8-dynamic": {"latency_p50_ms": 5.7, "latency_x": 2.9},
+        "int8-qat": {"latency_p50_ms": 7.4, "latency_x": qat_x}}}, "passes": []}
+    note = int8_note(rep)
+    assert note is not None and f"the QAT student (static int8 QDQ) runs at {qat_x / 2.9:.2f}x the speed" in note
+    assert ("without VNNI" in note) == says_why
+    del rep["evaluation"]["variants"]["int8-dynamic"]
+    assert int8_note(rep) is None

@@ -49,7 +49,8 @@ class Evaluate(Pass):
     # 4: causal-lm decoders: top-1 agreement / perplexity increase vs fp32, prefill ms, decode tokens/s
     # 5: the teacher in ORT (fp32 fused, dynamic int8) as baselines; all models timed interleaved in rounds;
     #    latency_x / size_x against the fp32 ORT teacher
-    version = "5"
+    # 6: each model's block of an interleaved round starts with untimed re-warm runs (runtime.measure_latency_rounds)
+    version = "6"
     uses_data = ("eval",)
     uses_target = True
     consumes = (Kind.ONNX, Kind.TEACHER)
