@@ -196,6 +196,12 @@ def test_goals_and_markdown():
     assert "| 5 | row 5 | 0.7500 | +4.00 | 16.00 | 2.00 | 5.00x | 5.00x | 2.50x |" in md
     assert "NOT met: latency 5.00x lower than row 1 (goal >= 8x)" in md and "met: accuracy +4.00 points" in md
     assert "Short of the goal" in md and "Some CPU, 2 logical cores" in md
+    assert "a smaller student" in md and "already searched and pruned" not in md  # a layer-dropped run
+    rows, goals = res["rows"], res["goals"]
+    pruned = bench.notes_for(rows, goals, [], ["finetune", "search", "prune", "distill", "export", "qat"])
+    assert any("already searched and pruned" in n for n in pruned) and not any("a smaller student" in n for n in pruned)
+    rows[3] = {**rows[3], "p50_ms": rows[4]["p50_ms"] / 2}  # row 4 faster than row 5 at the same shape
+    assert any("Row 4 (dynamic int8) runs 2.00x faster" in n for n in bench.notes_for(rows, goals, [], ["prune"]))
 
 
 def test_write_readme_replaces_the_marked_section_atomically(tmp_path):

@@ -64,7 +64,7 @@ def test_demo_config_runs_on_a_tiny_stand_in(tmp_path, minilm_shaped):
     sets = [f"model.path={minilm_shaped}", f"output={out}", "data.train.limit=128", "data.eval.limit=64",
             "data.calibration.limit=16", "passes.0.steps=4",
             "passes.1.space={layers: [2, 3], hidden: [16, 32], heads: [2, 4], ffn: [32, 64]}",
-            "passes.1.max_latency_ms=1000", "passes.1.iterations=3", "passes.1.population=2", "passes.1.sample=1",
+            "passes.1.min_speedup=null", "passes.1.max_latency_ms=1000", "passes.1.iterations=3", "passes.1.population=2", "passes.1.sample=1",
             "passes.1.measure_runs=3", "passes.2.steps=4", "passes.3.steps=4", "passes.3.schedule.interval=2",
             "passes.6.steps=2", "passes.6.calibration_examples=16", "target.runs=5", "target.warmup=1"]
     code = main(["run", str(DEMO), "-q", *[a for s in sets for a in ("--set", s)]])
@@ -75,11 +75,17 @@ def test_demo_config_runs_on_a_tiny_stand_in(tmp_path, minilm_shaped):
     search, prune = rep["passes"][1]["metrics"], rep["passes"][2]["metrics"]
     assert search["chosen"].startswith(("L2-", "L3-"))
     assert prune["vocab_after"] < 30522 and prune["params_after"] < prune["params_before"]
-    assert {g["name"] for g in rep["gates"]} == {"max_quality_drop", "min_fidelity", "max_latency_ms", "max_size_mb"}
-    # a random stand-in's accuracy says nothing; what must hold is the size and latency, and the exit code
-    # must be the gates' verdict
+    assert {g["name"] for g in rep["gates"]} == {"max_quality_drop", "min_fidelity", "min_latency_x", "min_size_x",
+                                                 "max_size_mb"}
+    # a random stand-in's accuracy says nothing, nor does the speed of widths this tiny; what must hold is the
+    # size (the vocabulary is trimmed), and the exit code must be the gates' verdict
     gates = {g["name"]: g for g in rep["gates"]}
-    assert gates["max_size_mb"]["passed"] and gates["max_latency_ms"]["passed"]
+    assert gates["max_size_mb"]["passed"] and gates["min_size_x"]["passed"]
+    assert gates["min_latency_x"]["value"] > 0
+    # qat ships; ptq's dynamic int8 of the same student stays beside it, evaluated, as its reference
+    variants = rep["evaluation"]["variants"]
+    assert {"fp32", "int8-dynamic", "int8-qat"} <= set(variants) and rep["shipped"] == "student.int8.onnx"
+    assert rep["files"]["int8-dynamic"] == "student.int8-dynamic.onnx" and (out / "student.int8-dynamic.onnx").is_file()
     assert code == (0 if all(g["passed"] for g in rep["gates"]) else 3)
     for f in ("student.onnx", "model/config.json", "model/vocab_kept.json", "junit.xml", "report.md",
               "schedule-distill.png"):
