@@ -34,8 +34,9 @@ install-mutation: $(VENV)/.mutation-installed
 demo: install-demo
 	$(VENV)/bin/compress run $(CONFIG) $(if $(PROFILE),--profile $(PROFILE))
 
+# one worker per core (at most 4), a test file per worker: its module fixtures are built once (docs/testing.md)
 test: install-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 test-slow: install-test
 	$(PY) -m pytest -q -m slow

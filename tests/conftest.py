@@ -6,8 +6,13 @@ import json
 import random
 from pathlib import Path
 
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one torch thread each, no oversubscription
+    torch.set_num_threads(1)
 
 POS = ["good", "great", "happy", "love", "wonderful", "excellent", "nice", "fun"]
 NEG = ["bad", "awful", "sad", "hate", "terrible", "horrible", "boring", "ugly"]
