@@ -131,7 +131,7 @@ def test_no_baselines_when_off(tmp_path: Path, tiny_bert_dir: Path) -> None:
 @pytest.mark.parametrize("qat_x, says_why", [(2.2, True), (3.5, False)])
 def test_int8_note_compares_the_qat_student_with_dynamic_int8(qat_x: float, says_why: bool) -> None:
     """The QAT student is a static QDQ graph too: the note compares it with ptq's dynamic int8 and, when it is the
-    slower one, says why it still ships (no VNNI) instead of leaving the reader to wonder."""
+    slower one, says why it is slower and what to do instead of leaving the reader to wonder."""
     from compress.report.render import int8_note
 
     rep = {"evaluation": {"variants": {
@@ -139,6 +139,9 @@ def test_int8_note_compares_the_qat_student_with_dynamic_int8(qat_x: float, says
         "int8-qat": {"latency_p50_ms": 7.4, "latency_x": qat_x}}}, "passes": []}
     note = int8_note(rep)
     assert note is not None and f"the QAT student (static int8 QDQ) runs at {qat_x / 2.9:.2f}x the speed" in note
-    assert ("without VNNI" in note) == says_why
+    assert ("QuantizeLinear and each bias Add as a node of its own" in note) == says_why
+    assert ("end the config with ptq" in note) == says_why and "no VNNI" not in note
+    rep["passes"] = [{"type": "qat", "metrics": {"reduce_range": True}}]  # qat's record of a CPU without VNNI
+    assert ("This CPU has no VNNI" in int8_note(rep)) == says_why
     del rep["evaluation"]["variants"]["int8-dynamic"]
     assert int8_note(rep) is None

@@ -259,9 +259,14 @@ def int8_note(report: dict[str, Any]) -> str | None:
                      "run time, so dynamic int8 ships (docs/quantization.md).")
     qat_speed = next((sp for n, sp, _ in parts if n == "int8-qat"), None)
     if qat_speed is not None and qat_speed < 1:
+        qat = next((p["metrics"] for p in report.get("passes", []) if p["type"] == "qat"), {})
         text += (" The QAT student ships (it is the last quantizer in the config) although dynamic int8 measured faster "
-                 "here: on x86 CPUs without VNNI (AVX2 only) ORT's static QDQ kernels gain little over fp32; with VNNI, "
-                 "or where its accuracy matters more, QAT is the better int8 (docs/quantization.md).")
+                 "here: a static QDQ graph runs each activation's QuantizeLinear and each bias Add as a node of its own, "
+                 "where dynamic int8's MatMul kernels quantize their input and add the bias inside (docs/quantization.md, "
+                 "\"Static vs dynamic int8\"). QAT is the int8 to keep where its accuracy is the better one; where it is "
+                 "not, end the config with ptq (no qat) to ship the dynamic file.")
+        if qat.get("reduce_range") is True:
+            text += " This CPU has no VNNI: both int8 files use 7-bit weights, and its int8 kernels gain less over fp32."
     return text
 
 
