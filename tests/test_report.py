@@ -140,8 +140,59 @@ def test_int8_note_compares_the_qat_student_with_dynamic_int8(qat_x: float, says
     note = int8_note(rep)
     assert note is not None and f"the QAT student (static int8 QDQ) runs at {qat_x / 2.9:.2f}x the speed" in note
     assert ("QuantizeLinear and each bias Add as a node of its own" in note) == says_why
-    assert ("end the config with ptq" in note) == says_why and "no VNNI" not in note
+    assert ("set `ship: fastest` on evaluate" in note) == says_why and "no VNNI" not in note
     rep["passes"] = [{"type": "qat", "metrics": {"reduce_range": True}}]  # qat's record of a CPU without VNNI
     assert ("This CPU has no VNNI" in int8_note(rep)) == says_why
     del rep["evaluation"]["variants"]["int8-dynamic"]
     assert int8_note(rep) is None
+
+
+def test_ship_fastest_moves_the_shipped_file_to_the_faster_int8_student(run_dir: Path, tmp_path: Path) -> None:
+    """evaluate `ship: fastest` on the same run (earlier passes from its cache): student.int8.onnx becomes the int8
+    student timed fastest whose quality is within the tolerance; the other keeps its method's name; report, file
+    names and the metric line agree. The choice itself is the measurement's (ship_fastest's own test pins the rule)."""
+    cfg = run_dir.parent / "model.yaml"
+    out = tmp_path / "out"
+    assert main(["run", str(cfg), "-q", "--set", f"output={out}", "--set", f"cache_dir={run_dir / '.cache'}",
+                 "--set", "passes.5.ship=fastest", "--set", "passes.5.ship_tolerance=1.0"]) == 0
+    rep = _report(out)
+    v = rep["evaluation"]["variants"]
+    chosen = max(("int8-dynamic", "int8-static"), key=lambda n: v[n]["latency_x"])
+    other = ({"int8-dynamic", "int8-static"} - {chosen}).pop()
+    assert rep["final_student"]["model"] == chosen == v["int8"]["alias_of"]
+    assert rep["files"][chosen] == "student.int8.onnx" and rep["files"][other] == f"student.{other}.onnx"
+    assert {p.name for p in out.glob("student*.onnx")} == set(rep["files"].values())
+    line = next(p for p in rep["passes"] if p["type"] == "evaluate")["metrics"]["ship"]
+    assert line.startswith("ship: fastest: ") and chosen in line
+    assert (f"{chosen} ships instead of int8-dynamic" in line) == (chosen != "int8-dynamic")
+    # without latency there is nothing to compare: bad input, exit 2
+    assert main(["validate", str(cfg), "--set", "passes.5.ship=fastest", "--set", "passes.5.latency=false"]) == 2
+
+
+def test_ship_fastest_rule() -> None:
+    """The fastest student of the shipped one's precision within `tolerance` of its quality drop ships; a faster one
+    that loses more stays unshipped; with no latency_x on every candidate the p50 decides."""
+    from compress.artifact import Artifact, Evaluation, ModelFile
+    from compress.passes.evaluate import ship_fastest
+
+    def artifact() -> Artifact:
+        return Artifact(task="sequence-classification", models=[
+            ModelFile(Path("fp32.onnx")), ModelFile(Path("dyn.onnx"), "int8", "dynamic"),
+            ModelFile(Path("qat.onnx"), "int8", "qat", shipped=True)])
+
+    def evaluation(dyn_drop: float, dyn_x: float | None) -> Evaluation:
+        ev = Evaluation(main_metric="accuracy", higher_is_better=True, examples=100, teacher={"quality": 0.8})
+        ev.models = {"fp32": {"quality_drop": 0.0, "latency_p50_ms": 1.0, "latency_x": 9.0},  # fp32 never competes
+                     "int8-dynamic": {"quality_drop": dyn_drop, "latency_p50_ms": 2.0, "latency_x": dyn_x},
+                     "int8-qat": {"quality_drop": 0.010, "latency_p50_ms": 2.5, "latency_x": 4.0}}
+        return ev
+
+    a, line = ship_fastest(artifact(), evaluation(0.014, 5.0), 0.005)
+    assert a.shipped().name == "int8-dynamic" and "1.25x its speed" in line
+    assert [m.name for m in a.models if m.shipped] == ["int8-dynamic"]
+    a, line = ship_fastest(artifact(), evaluation(0.016, 5.0), 0.005)  # 0.6 points worse: more than the tolerance
+    assert a.shipped().name == "int8-qat" and "int8-qat stays" in line
+    a, line = ship_fastest(artifact(), evaluation(0.0, None), 0.0)  # no ratio for one of them: p50 2.0 < 2.5 ms
+    assert a.shipped().name == "int8-dynamic" and "by 1 / p50" in line
+    unshipped = Artifact(task="sequence-classification", models=[ModelFile(Path("fp32.onnx"))])
+    assert ship_fastest(unshipped, evaluation(0.0, 5.0), 0.0)[0].shipped().name == "fp32"

@@ -33,6 +33,13 @@ class EvaluateConfig(PassConfig):
     baseline_methods: list[Literal["dynamic", "static"]] = Field(
         default_factory=lambda: ["dynamic"], description="Quantized teacher baselines made next to the fp32 one "
         "(static: QDQ U8S8 calibrated on data.calibration, else data.train).")
+    ship: Literal["last", "fastest"] = Field(
+        "last", description="Which quantized student ships as student.<precision>.onnx. last: the one the last quantizer "
+        "made (its `primary`). fastest: of the evaluated students of the same precision whose quality is at most "
+        "ship_tolerance below the last quantizer's, the one timed fastest here (the median of per-round speedups over "
+        "the fp32 teacher, else the p50); the others stay in the run folder under their method's name.")
+    ship_tolerance: float = Field(0.005, ge=0, description="ship: fastest: how much worse, in the main metric's units "
+                                  "(accuracy 0.005 = half a point), a faster student may be than the last quantizer's.")
     latency_rounds: int = Field(5, gt=0, description="Teacher and students are timed interleaved, in this many rounds of "
                                 "target.runs / rounds runs each (a noisy host slows them alike); ratios are the median "
                                 "of the per-round ratios.")
@@ -50,14 +57,23 @@ class Evaluate(Pass):
     # 5: the teacher in ORT (fp32 fused, dynamic int8) as baselines; all models timed interleaved in rounds;
     #    latency_x / size_x against the fp32 ORT teacher
     # 6: each model's block of an interleaved round starts with untimed re-warm runs (runtime.measure_latency_rounds)
-    version = "6"
+    # 7: ship: fastest (the shipped flag can move to a faster student of the same precision)
+    version = "7"
     uses_data = ("eval",)
+
+    def validate(self, run: Any) -> str | None:
+        if run.data.eval is None:
+            return "evaluate needs data.eval"
+        cfg: EvaluateConfig = self.config  # type: ignore[assignment]
+        if cfg.ship == "fastest" and not cfg.latency:
+            return "ship: fastest needs the latency it compares; set latency: true or ship: last"
+        if cfg.ship == "fastest" and run.target.edge is not None:
+            return ("ship: fastest compares CPU latency, but an edge target ships the file its accelerator runs; "
+                    "remove ship or the target's edge")
+        return None
     uses_target = True
     consumes = (Kind.ONNX, Kind.TEACHER)
     produces = (Kind.EVALUATION,)
-
-    def validate(self, run: Any) -> str | None:
-        return None if run.data.eval is not None else "evaluate needs data.eval"
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
         from compress.models.loading import count_params, folder_size_mb
@@ -151,6 +167,9 @@ class Evaluate(Pass):
             from compress.onnx.decoder import causal_lm_stats
 
             causal_lm_stats(evaluation, models, outputs, batches, t, latency=cfg.latency)
+        if cfg.ship == "fastest":
+            artifact, ctx.metrics["ship"] = ship_fastest(artifact, evaluation, cfg.ship_tolerance)
+            log.info("%s: %s", ctx.label, ctx.metrics["ship"])
         rep = evaluation.report(artifact.shipped())
         ctx.metrics.update(
             {f"{name}.{k}": v for name, s in {**rep["variants"], **rep["baselines"]}.items() for k, v in s.items()
@@ -232,6 +251,39 @@ class Evaluate(Pass):
 
 
 BASELINE_PREFIX = "teacher-"  # evaluation.baselines keys: teacher-fp32, teacher-int8-dynamic, teacher-int8-static
+
+
+def ship_fastest(artifact: Artifact, evaluation: Evaluation, tolerance: float) -> tuple[Artifact, str]:
+    """`ship: fastest`: the artifact with the shipped flag on the fastest evaluated student of the shipped one's
+    precision whose quality drop is at most `tolerance` above the shipped one's, and a line saying what was chosen
+    and why. Speed: latency_x (median of per-round speedups over the fp32 teacher) when every candidate has it, else
+    the p50. The artifact is returned unchanged when nothing quantized ships or nothing else qualifies."""
+    import dataclasses
+
+    last = artifact.shipped()
+    if last is None or not last.quantized or last.name not in evaluation.models:
+        return artifact, "ship: fastest: no evaluated quantized student ships; nothing to choose"
+    stats = evaluation.models
+    peers = [m for m in artifact.models if m.precision == last.precision and m.format == last.format
+             and stats.get(m.name, {}).get("latency_p50_ms") is not None]
+    by_x = all(stats[m.name].get("latency_x") for m in peers)
+
+    def speed(m: Any) -> float:
+        return stats[m.name]["latency_x"] if by_x else 1.0 / stats[m.name]["latency_p50_ms"]
+
+    limit = stats[last.name]["quality_drop"] + tolerance
+    ok = [m for m in peers if stats[m.name]["quality_drop"] <= limit + 1e-12]
+    best = max(ok, key=speed, default=last)
+    what = "speedup over the fp32 teacher" if by_x else "1 / p50"
+    if best.name == last.name:
+        return artifact, (f"ship: fastest: {last.name} stays (the fastest of {[m.name for m in ok]}, the students "
+                          f"within {tolerance:g} of its quality; by {what})")
+    line = (f"ship: fastest: {best.name} ships instead of {last.name}: {speed(best) / speed(last):.2f}x its speed "
+            f"(by {what}), quality drop {stats[best.name]['quality_drop']:.4g} vs {stats[last.name]['quality_drop']:.4g} "
+            f"(tolerance {tolerance:g})")
+    models = [dataclasses.replace(m, shipped=m.name == best.name) if m.precision == last.precision else m
+              for m in artifact.models]
+    return artifact.replace(models=models), line
 
 
 def _score_onnx(path: Any, target: Any, batches: list[Any], score: Any, t_out: list[Any], teacher_quality: float,
