@@ -439,8 +439,10 @@ def notes_for(rows: list[dict[str, Any]], goals: list[tuple[str, bool]], extra: 
                              "(the config's `full` profile) to pay for it.")
             if r4["p50_ms"] < r5["p50_ms"]:
                 notes.append(f"Row 4 (dynamic int8) runs {r5['p50_ms'] / r4['p50_ms']:.2f}x faster than row 5 at the "
-                             "same shape: on this CPU the shipped int8 graph is not the fastest int8 form (without "
-                             "VNNI, ORT's dynamic int8 beats static QDQ; docs/quantization.md).")
+                             "same shape. If row 5 is a static QDQ graph (qat, static ptq): it runs its "
+                             "QuantizeLinear and bias Add nodes outside the int8 kernels, where dynamic int8 fuses them "
+                             "(docs/quantization.md); evaluate's `ship: fastest` picks between the run's int8 files by "
+                             "its own, shorter timing. Gaps of a few percent are within this benchmark's noise.")
         if r5["accuracy_pts"] < GOALS["accuracy_pts"]:
             notes.append("Accuracy: longer distillation (more epochs) or qat after it would recover points.")
     else:
