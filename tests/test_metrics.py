@@ -231,10 +231,11 @@ def test_evaluate_pass_validation_and_output_field() -> None:
     """The pass asks for data.eval, and reads the task's output field as float32."""
     from types import SimpleNamespace
 
-    from compress.passes.evaluate import Evaluate, _output
+    from compress.passes.evaluate import Evaluate, EvaluateConfig, _output
 
-    ev = Evaluate.__new__(Evaluate)
-    assert ev.validate(SimpleNamespace(data=SimpleNamespace(eval=object()))) is None
+    ev = Evaluate(EvaluateConfig())
+    run = SimpleNamespace(data=SimpleNamespace(eval=object()), target=SimpleNamespace(edge=None))
+    assert ev.validate(run) is None
     assert ev.validate(SimpleNamespace(data=SimpleNamespace(eval=None))) == "evaluate needs data.eval"
     out = _output(SimpleNamespace(logits=torch.tensor([1.5, -2.0], dtype=torch.float16), other=None), "logits")
     assert out.dtype == torch.float32 and out.tolist() == [1.5, -2.0]
