@@ -3,10 +3,9 @@ real data files. The tokenizer is the real all-MiniLM-L6-v2 one shipped by the `
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
-
-import os
 
 import pytest
 import torch

@@ -60,6 +60,9 @@ class Evaluate(Pass):
     # 7: ship: fastest (the shipped flag can move to a faster student of the same precision)
     version = "7"
     uses_data = ("eval",)
+    uses_target = True
+    consumes = (Kind.ONNX, Kind.TEACHER)
+    produces = (Kind.EVALUATION,)
 
     def validate(self, run: Any) -> str | None:
         if run.data.eval is None:
@@ -71,9 +74,6 @@ class Evaluate(Pass):
             return ("ship: fastest compares CPU latency, but an edge target ships the file its accelerator runs; "
                     "remove ship or the target's edge")
         return None
-    uses_target = True
-    consumes = (Kind.ONNX, Kind.TEACHER)
-    produces = (Kind.EVALUATION,)
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
         from compress.models.loading import count_params, folder_size_mb
