@@ -143,6 +143,13 @@ def test_int8_note_compares_the_qat_student_with_dynamic_int8(qat_x: float, says
     assert ("set `ship: fastest` on evaluate" in note) == says_why and "no VNNI" not in note
     rep["passes"] = [{"type": "qat", "metrics": {"reduce_range": True}}]  # qat's record of a CPU without VNNI
     assert ("This CPU has no VNNI" in int8_note(rep)) == says_why
+    # dynamic int8 shipped (evaluate's `ship: fastest`): the note says so, and no longer that QAT ships
+    rep["evaluation"]["variants"]["int8"] = {"alias_of": "int8-dynamic"}
+    note = int8_note(rep)
+    assert "The QAT student ships" not in note and "This CPU has no VNNI" not in note
+    assert ("Dynamic int8 ships: evaluate's `ship: fastest` chose it" in note) == says_why
+    assert ("Dynamic int8 ships although a static graph measured faster" in note) == (not says_why)
+    del rep["evaluation"]["variants"]["int8"]
     del rep["evaluation"]["variants"]["int8-dynamic"]
     assert int8_note(rep) is None
 
