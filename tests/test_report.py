@@ -148,8 +148,15 @@ def test_int8_note_compares_the_qat_student_with_dynamic_int8(qat_x: float, says
     note = int8_note(rep)
     assert "The QAT student ships" not in note and "This CPU has no VNNI" not in note
     assert ("Dynamic int8 ships: evaluate's `ship: fastest` chose it" in note) == says_why
-    assert ("Dynamic int8 ships although a static graph measured faster" in note) == (not says_why)
+    assert ("Dynamic int8 ships although a static graph measured faster: evaluate keeps the last quantizer's file "
+            "(ship: last)" in note) == (not says_why)
+    # with `ship: fastest`, the note quotes evaluate's own line for why the shipped file ships: one reason, not a guess
+    line = "ship: fastest: int8-qat stays: int8-dynamic measured 1.06x its speed (by speedup ...), a lead within ..."
+    rep["passes"].append({"type": "evaluate", "metrics": {"ship": line}})
     del rep["evaluation"]["variants"]["int8"]
+    note = int8_note(rep)
+    assert (f'The QAT student ships (evaluate: "{line}") although' in note) == says_why
+    assert "it is the last quantizer in the config" not in note and "set `ship: fastest`" not in note
     del rep["evaluation"]["variants"]["int8-dynamic"]
     assert int8_note(rep) is None
 
@@ -161,7 +168,8 @@ def test_ship_fastest_moves_the_shipped_file_to_the_faster_int8_student(run_dir:
     cfg = run_dir.parent / "model.yaml"
     out = tmp_path / "out"
     assert main(["run", str(cfg), "-q", "--set", f"output={out}", "--set", f"cache_dir={run_dir / '.cache'}",
-                 "--set", "passes.5.ship=fastest", "--set", "passes.5.ship_tolerance=1.0"]) == 0
+                 "--set", "passes.5.ship=fastest", "--set", "passes.5.ship_tolerance=1.0",
+                 "--set", "passes.5.ship_margin=0"]) == 0
     rep = _report(out)
     v = rep["evaluation"]["variants"]
     chosen = max(("int8-dynamic", "int8-static"), key=lambda n: v[n]["latency_x"])
@@ -177,8 +185,9 @@ def test_ship_fastest_moves_the_shipped_file_to_the_faster_int8_student(run_dir:
 
 
 def test_ship_fastest_rule() -> None:
-    """The fastest student of the shipped one's precision within `tolerance` of its quality drop ships; a faster one
-    that loses more stays unshipped; with no latency_x on every candidate the p50 decides."""
+    """The fastest student of the shipped one's precision within `tolerance` of its quality drop ships when its lead
+    is more than `margin`; a faster one that loses more stays unshipped, and the line says so; with no latency_x on
+    every candidate the p50 decides."""
     from compress.artifact import Artifact, Evaluation, ModelFile
     from compress.passes.evaluate import ship_fastest
 
@@ -197,8 +206,12 @@ def test_ship_fastest_rule() -> None:
     a, line = ship_fastest(artifact(), evaluation(0.014, 5.0), 0.005)
     assert a.shipped().name == "int8-dynamic" and "1.25x its speed" in line
     assert [m.name for m in a.models if m.shipped] == ["int8-dynamic"]
+    a, line = ship_fastest(artifact(), evaluation(0.014, 5.0), 0.005, margin=0.25)  # a 25% lead is within a 25% margin
+    assert a.shipped().name == "int8-qat" and "int8-qat stays: int8-dynamic measured 1.25x its speed" in line
+    assert ship_fastest(artifact(), evaluation(0.014, 5.0), 0.005, margin=0.2)[0].shipped().name == "int8-dynamic"
     a, line = ship_fastest(artifact(), evaluation(0.016, 5.0), 0.005)  # 0.6 points worse: more than the tolerance
     assert a.shipped().name == "int8-qat" and "int8-qat stays" in line
+    assert "int8-dynamic was faster (1.25x) but its quality drop 0.016 exceeds 0.01 + the tolerance 0.005" in line
     a, line = ship_fastest(artifact(), evaluation(0.0, None), 0.0)  # no ratio for one of them: p50 2.0 < 2.5 ms
     assert a.shipped().name == "int8-dynamic" and "by 1 / p50" in line
     unshipped = Artifact(task="sequence-classification", models=[ModelFile(Path("fp32.onnx"))])

@@ -40,6 +40,11 @@ class EvaluateConfig(PassConfig):
         "the fp32 teacher, else the p50); the others stay in the run folder under their method's name.")
     ship_tolerance: float = Field(0.005, ge=0, description="ship: fastest: how much worse, in the main metric's units "
                                   "(accuracy 0.005 = half a point), a faster student may be than the last quantizer's.")
+    ship_margin: float = Field(0.10, ge=0, le=1, description="ship: fastest: how much faster (0.10 = 10%, by the "
+                               "measure it compares) another student must be to ship instead of the last quantizer's. A "
+                               "smaller lead is within the timing noise of a CPU host (two demo runs on one host measured "
+                               "the same two int8 files 7% apart one way and 13% the other) and would flip the shipped "
+                               "file between runs of the same config.")
     latency_rounds: int = Field(5, gt=0, description="Teacher and students are timed interleaved, in this many rounds of "
                                 "target.runs / rounds runs each (a noisy host slows them alike); ratios are the median "
                                 "of the per-round ratios.")
@@ -58,7 +63,8 @@ class Evaluate(Pass):
     #    latency_x / size_x against the fp32 ORT teacher
     # 6: each model's block of an interleaved round starts with untimed re-warm runs (runtime.measure_latency_rounds)
     # 7: ship: fastest (the shipped flag can move to a faster student of the same precision)
-    version = "7"
+    # 8: ship_margin: a lead within it keeps the last quantizer's file
+    version = "8"
     uses_data = ("eval",)
     uses_target = True
     consumes = (Kind.ONNX, Kind.TEACHER)
@@ -168,7 +174,8 @@ class Evaluate(Pass):
 
             causal_lm_stats(evaluation, models, outputs, batches, t, latency=cfg.latency)
         if cfg.ship == "fastest":
-            artifact, ctx.metrics["ship"] = ship_fastest(artifact, evaluation, cfg.ship_tolerance)
+            artifact, ctx.metrics["ship"] = ship_fastest(artifact, evaluation, cfg.ship_tolerance,
+                                                                cfg.ship_margin)
             log.info("%s: %s", ctx.label, ctx.metrics["ship"])
         rep = evaluation.report(artifact.shipped())
         ctx.metrics.update(
@@ -253,11 +260,13 @@ class Evaluate(Pass):
 BASELINE_PREFIX = "teacher-"  # evaluation.baselines keys: teacher-fp32, teacher-int8-dynamic, teacher-int8-static
 
 
-def ship_fastest(artifact: Artifact, evaluation: Evaluation, tolerance: float) -> tuple[Artifact, str]:
+def ship_fastest(artifact: Artifact, evaluation: Evaluation, tolerance: float,
+                 margin: float = 0.0) -> tuple[Artifact, str]:
     """`ship: fastest`: the artifact with the shipped flag on the fastest evaluated student of the shipped one's
-    precision whose quality drop is at most `tolerance` above the shipped one's, and a line saying what was chosen
-    and why. Speed: latency_x (median of per-round speedups over the fp32 teacher) when every candidate has it, else
-    the p50. The artifact is returned unchanged when nothing quantized ships or nothing else qualifies."""
+    precision whose quality drop is at most `tolerance` above the shipped one's and whose speed is more than
+    1 + `margin` times the shipped one's, and a line saying what was chosen and why. Speed: latency_x (median of
+    per-round speedups over the fp32 teacher) when every candidate has it, else 1 / p50. The artifact is returned
+    unchanged when nothing quantized ships or nothing else qualifies."""
     import dataclasses
 
     last = artifact.shipped()
@@ -271,16 +280,24 @@ def ship_fastest(artifact: Artifact, evaluation: Evaluation, tolerance: float) -
     def speed(m: Any) -> float:
         return stats[m.name]["latency_x"] if by_x else 1.0 / stats[m.name]["latency_p50_ms"]
 
+    what = "speedup over the fp32 teacher" if by_x else "1 / p50"
     limit = stats[last.name]["quality_drop"] + tolerance
     ok = [m for m in peers if stats[m.name]["quality_drop"] <= limit + 1e-12]
     best = max(ok, key=speed, default=last)
-    what = "speedup over the fp32 teacher" if by_x else "1 / p50"
+    lost = [m for m in peers if m not in ok and speed(m) > speed(last)]
+    worse = "".join(f"; {m.name} was faster ({speed(m) / speed(last):.2f}x) but its quality drop "
+                    f"{stats[m.name]['quality_drop']:.4g} exceeds {stats[last.name]['quality_drop']:.4g} + the "
+                    f"tolerance {tolerance:g}" for m in lost)
     if best.name == last.name:
-        return artifact, (f"ship: fastest: {last.name} stays (the fastest of {[m.name for m in ok]}, the students "
-                          f"within {tolerance:g} of its quality; by {what})")
-    line = (f"ship: fastest: {best.name} ships instead of {last.name}: {speed(best) / speed(last):.2f}x its speed "
-            f"(by {what}), quality drop {stats[best.name]['quality_drop']:.4g} vs {stats[last.name]['quality_drop']:.4g} "
-            f"(tolerance {tolerance:g})")
+        return artifact, (f"ship: fastest: {last.name} stays: the fastest (by {what}) of {[m.name for m in ok]}, the "
+                          f"students within {tolerance:g} of its quality{worse}")
+    lead = speed(best) / speed(last)
+    if lead <= 1 + margin:
+        return artifact, (f"ship: fastest: {last.name} stays: {best.name} measured {lead:.2f}x its speed (by {what}), "
+                          f"a lead within the ship_margin {margin:g} that timing noise spans{worse}")
+    line = (f"ship: fastest: {best.name} ships instead of {last.name}: {lead:.2f}x its speed (by {what}, more than the "
+            f"ship_margin {margin:g}), quality drop {stats[best.name]['quality_drop']:.4g} vs "
+            f"{stats[last.name]['quality_drop']:.4g} (tolerance {tolerance:g})")
     models = [dataclasses.replace(m, shipped=m.name == best.name) if m.precision == last.precision else m
               for m in artifact.models]
     return artifact.replace(models=models), line

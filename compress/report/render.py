@@ -259,18 +259,23 @@ def int8_note(report: dict[str, Any]) -> str | None:
                      "run time, so dynamic int8 ships (docs/quantization.md).")
     qat_speed = next((sp for n, sp, _ in parts if n == "int8-qat"), None)
     ships = (v.get("int8") or {}).get("alias_of")
+    # evaluate's `ship: fastest` says why it shipped what it shipped; without it the last quantizer's file ships
+    why = next((p["metrics"].get("ship") for p in report.get("passes", []) if p["type"] == "evaluate"), None)
+    why = f" (evaluate: \"{why}\")" if why else None
     if ships == "int8-dynamic" and any(sp > 1 for _, sp, _ in parts):
-        text += (" Dynamic int8 ships although a static graph measured faster: its quality is the better one by more "
-                 "than evaluate's ship_tolerance, or evaluate keeps the last quantizer's file (ship: last).")
+        text += (" Dynamic int8 ships although a static graph measured faster" + (why or ": evaluate keeps the last "
+                 "quantizer's file (ship: last)") + ".")
     elif ships == "int8-dynamic" and qat_speed is not None:
-        text += " Dynamic int8 ships: evaluate's `ship: fastest` chose it over the QAT student (faster, quality within ship_tolerance)."
+        text += " Dynamic int8 ships: evaluate's `ship: fastest` chose it over the QAT student" + (why or "") + "."
     if qat_speed is not None and qat_speed < 1 and ships in (None, "int8-qat"):
         qat = next((p["metrics"] for p in report.get("passes", []) if p["type"] == "qat"), {})
-        text += (" The QAT student ships (it is the last quantizer in the config) although dynamic int8 measured faster "
-                 "here: a static QDQ graph runs each activation's QuantizeLinear and each bias Add as a node of its own, "
-                 "where dynamic int8's MatMul kernels quantize their input and add the bias inside (docs/quantization.md, "
-                 "\"Static vs dynamic int8\"). QAT is the int8 to keep where its accuracy is the better one; where it is "
-                 "not, set `ship: fastest` on evaluate to ship the faster file.")
+        text += (" The QAT student ships" + (why or " (it is the last quantizer in the config)") + " although dynamic "
+                 "int8 measured faster here: a static QDQ graph runs each activation's QuantizeLinear and each bias Add "
+                 "as a node of its own, where dynamic int8's MatMul kernels quantize their input and add the bias inside "
+                 "(docs/quantization.md, \"Static vs dynamic int8\").")
+        if why is None:
+            text += (" QAT is the int8 to keep where its accuracy is the better one; where it is not, set `ship: "
+                     "fastest` on evaluate to ship the faster file.")
         if qat.get("reduce_range") is True:
             text += " This CPU has no VNNI: both int8 files use 7-bit weights, and its int8 kernels gain less over fp32."
     return text
