@@ -16,10 +16,11 @@ ONNX file in ONNX Runtime with its model's own tokenizer on the same `--eval` tw
 teacher (its ONNX export).
 
     python benchmarks/prune.py [--target-params N] [--steps S] [--recover-epochs E] [--eval 3000] [--cache DIR]
-                               [--curve 0.12,0.25]
+                               [--methods importance,learned] [--layers] [--curve 0.12,0.25] [--curve-method learned]
 
-`--curve` adds learned-pruning rows at more targets (fractions of the teacher's parameters): accuracy against
-latency. Not a timed test; it takes tens of minutes on 2 CPU cores.
+`--curve` adds rows of `--curve-method` at more targets (fractions of the teacher's parameters): accuracy against
+latency. `--layers` lets both methods drop whole layers too. Not a timed test; it takes tens of minutes on 2 CPU
+cores.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def _passes(base: dict[str, Any], kind: str, args: argparse.Namespace, fraction:
     distill = next(p for p in base["passes"] if p["type"] == "distill")
     tail = [{"type": "export"}, {"type": "ptq", "methods": ["dynamic"], "quantize_embeddings": True}]
     target = {"params": args.target_params} if fraction is None else {"fraction": fraction}
-    grans = ["heads", "ffn", "hidden", "vocab"]
+    grans = ["heads", "ffn", *(["layers"] if args.layers else []), "hidden", "vocab"]
     if kind == "teacher":
         return [finetune, *tail]
     if kind == "student":
@@ -94,21 +95,30 @@ def main() -> int:
                     "epochs after pruning (recovery; 0: none)")
     ap.add_argument("--eval", type=int, default=3000, help="eval examples (the same for every row)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
-    ap.add_argument("--curve", default="", help="comma-separated fractions: extra learned rows")
+    ap.add_argument("--curve", default="", help="comma-separated fractions of the teacher's parameters: extra rows of "
+                    "--curve-method (accuracy against latency)")
+    ap.add_argument("--curve-method", choices=("learned", "importance"), default="learned")
+    ap.add_argument("--methods", default="importance,learned", help="which pruning rows at --target-params "
+                    "(comma-separated: importance, learned)")
+    ap.add_argument("--layers", action="store_true", help="add whole layers to both methods' granularities "
+                    "(importance: block importance; learned: layer gates)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--cache", default=None, help="cache folder to share (e.g. a demo run's exports/<name>/.cache)")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--plot", default=None, help="write the accuracy-vs-latency plot (PNG) here")
     args = ap.parse_args()
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-prune-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache).resolve() if args.cache else work / "cache"
     base = yaml.safe_load(Path(args.config).read_text())
-    runs: dict[str, tuple[str, float | None]] = {"teacher": ("teacher", None), "learned+vocab": ("learned", None),
-                                                  "importance+vocab": ("importance", None),
-                                                  "student-3L": ("student", None)}
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if set(methods) - {"importance", "learned"}:
+        ap.error(f"--methods: {args.methods!r}: choose from importance, learned")
+    runs: dict[str, tuple[str, float | None]] = {"teacher": ("teacher", None), "student-3L": ("student", None)}
+    runs.update({f"{m}+vocab": (m, None) for m in methods})
     for f in [float(x) for x in args.curve.split(",") if x.strip()]:
-        runs[f"learned+vocab@{f:g}"] = ("learned", f)
+        runs[f"{args.curve_method}+vocab@{f:g}"] = (args.curve_method, f)
     reports: dict[str, dict[str, Any]] = {}
     for name, (kind, fraction) in runs.items():
         cfg = dict(base, passes=_passes(base, kind, args, fraction), output=str(work / name),
@@ -144,9 +154,9 @@ def main() -> int:
     info: dict[str, dict[str, Any]] = {}
     for label, run, variant in rows:
         out = work / run
-        path = out / ("student.onnx" if variant == "fp32" else f"student.{variant}.onnx")
+        path = out / reports[run].get("files", {}).get(variant, "")  # the run's own record of its file names
         if not path.is_file():
-            path = next(out.glob(f"*{variant}*.onnx"))
+            raise SystemExit(f"{label}: no {variant} ONNX file in {out} (report files: {reports[run].get('files')})")
         files[label] = path
         tok = load_preprocessor(str(out / "model"))
         sess = make_session(path, threads=t.threads)
@@ -214,7 +224,58 @@ def main() -> int:
             console.print(f"{r['model']}: kept per layer {[(k['heads'], k['ffn']) for k in r['kept_per_layer']]}")
     if args.json:
         Path(args.json).write_text(json.dumps(out_rows, indent=1))
+    if args.plot:
+        plot_curve(out_rows, Path(args.plot), title=f"{base['name']}: {info['teacher fp32']['examples']} eval tweets, "
+                   f"ORT p50 batch {t.batch_size}, seq {t.seq_len}, {t.threads} threads")
+        console.print(f"plot: {args.plot}")
     return 0
+
+
+def plot_curve(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Accuracy (points vs the fp32 teacher) against latency x over the fp32 teacher, one marker per row, the pruned
+    rows of each method joined in order of speed; the shaded box is issue 9's target (>= 2x the 3-layer int8
+    student's speed, at most 1 point below the teacher); the marker's label gives size x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    teacher = next(r for r in rows if r["model"] == "teacher fp32")["accuracy"]
+    three = next(r for r in rows if r["model"].startswith("3-layer"))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    x_goal = 2 * three["latency_x"]
+    xmax = max(r["latency_x"] for r in rows) * 1.3  # room for the labels
+    ys = [100 * (r["accuracy"] - teacher) for r in rows]
+    top = max(ys + [0.0]) + 1.0
+    ax.fill_between([x_goal, max(xmax, x_goal * 1.1)], -1, top, color="#c7e9c0", zorder=1,
+                    label=f"target: >= {x_goal:.1f}x (2x the 3-layer int8), >= -1 pt")
+    for method, color in (("importance", "#4c72b0"), ("learned", "#dd8452")):
+        pts = sorted((r for r in rows if r["model"].startswith(method)), key=lambda r: r["latency_x"])
+        if pts:
+            ax.plot([r["latency_x"] for r in pts], [100 * (r["accuracy"] - teacher) for r in pts], "o-", color=color,
+                    label=f"{method} pruning + vocab trimming, int8", zorder=3)
+    for r in rows:
+        y = 100 * (r["accuracy"] - teacher)
+        pruned = r["model"].startswith(("importance", "learned"))
+        if not pruned:
+            ax.plot(r["latency_x"], y, "s", color="#555555", zorder=3)
+        # the reference rows labelled above-left, the pruned ones below-right: the curve's first point sits next to
+        # the 3-layer student
+        ax.annotate(f"{r['model'].replace(' int8', '')}\n{r['size_x']:.1f}x smaller", (r["latency_x"], y),
+                    textcoords="offset points", xytext=(5, -18) if pruned else (-5, 6), fontsize=7,
+                    ha="left" if pruned else "right")
+    ax.set_xlim(0, max(xmax, x_goal * 1.1))
+    ax.set_ylim(min(ys + [-1.0]) - 1.0, top)
+    ax.set_xlabel("latency x (fp32 teacher ORT p50 / model's)")
+    ax.set_ylabel("accuracy vs fp32 teacher (points)")
+    ax.set_title(title, fontsize=9)
+    ax.axhline(0, color="#999999", lw=0.8)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
