@@ -148,15 +148,17 @@ def test_vocab_trimmed_student_keeps_the_teachers_ids(tmp_path, bert4_dir, data_
     its own tokenizer, so the teacher's reference is unchanged."""
     from compress.prune.idmap import load_id_map
 
+    # quality only: no latency rounds, no ORT teacher baselines (the slowest parts of evaluate, not under test here)
+    evaluate = {"type": "evaluate", "latency": False, "teacher_baselines": False}
     tail = [{"type": "export"}] + ([] if after == "distill" else [dict(QAT, teacher=after.split("-")[1])])
     passes = [FINETUNE, {"type": "prune", "method": "magnitude", "granularities": ["vocab"], "target": {"fraction": 0.5}},
-              {"type": "distill", "steps": 2, "batch_size": 16, "lr": 1e-3}, *tail, {"type": "evaluate"}]
+              {"type": "distill", "steps": 2, "batch_size": 16, "lr": 1e-3}, *tail, evaluate]
     cfg = _write(tmp_path, bert4_dir, data_dir, passes)
     assert main(["run", str(cfg), "-q"]) == 0, _report(tmp_path)["error"]
     trimmed = _report(tmp_path)["evaluation"]
     id_map = load_id_map(tmp_path / "out" / "model")
     assert id_map is not None and len(id_map) == _report(tmp_path)["passes"][1]["metrics"]["vocab_after"]
-    cfg = _write(tmp_path, bert4_dir, data_dir, [FINETUNE, {"type": "export"}, {"type": "evaluate"}])
+    cfg = _write(tmp_path, bert4_dir, data_dir, [FINETUNE, {"type": "export"}, evaluate])
     assert main(["run", str(cfg), "-q"]) == 0
     plain = _report(tmp_path)["evaluation"]
     assert trimmed["teacher"]["accuracy"] == plain["teacher"]["accuracy"]
