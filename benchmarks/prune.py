@@ -240,6 +240,8 @@ def plot_curve(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from compress.report.figures import save_figure
+
     teacher = next(r for r in rows if r["model"] == "teacher fp32")["accuracy"]
     three = next(r for r in rows if r["model"].startswith("3-layer"))
     fig, ax = plt.subplots(figsize=(8, 4.8))
@@ -272,10 +274,8 @@ def plot_curve(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.axhline(0, color="#999999", lw=0.8)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -364,9 +363,11 @@ def make_scheduler(cfg: ScheduleConfig, num_layers: int) -> Scheduler:
 
 def plot_schedule(history: list[dict[str, Any]], path: Path, title: str = "OPTIMA schedule") -> Path:
     """PNG of the schedule: the arm(s) chosen per round (top) and the reward per round (bottom).
-    Written atomically (temp file + os.replace)."""
+    Written atomically (compress.report.render.save_figure)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from compress.report.figures import save_figure
 
     path = Path(path)
     fig = Figure(figsize=(9, 4.8), dpi=110)
@@ -394,12 +395,4 @@ def plot_schedule(history: list[dict[str, Any]], path: Path, title: str = "OPTIM
     ax_rew.set_xlabel("round")
     ax_arm.set_title(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return save_figure(fig, path)

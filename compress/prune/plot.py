@@ -2,7 +2,6 @@
 (a removed sub-layer shows as 0), with hidden size, vocabulary and parameters in the title."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,8 @@ def plot_kept(metrics: dict[str, Any], path: Path, title: str = "pruning: kept p
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from compress.report.figures import save_figure
 
     before = metrics.get("layers_before") or []
     kept = metrics["kept_per_layer"]
@@ -43,9 +44,6 @@ def plot_kept(metrics: dict[str, Any], path: Path, title: str = "pruning: kept p
     if metrics.get("vocab_before") != metrics.get("vocab_after"):
         info.append(f"vocab {metrics.get('vocab_before')} -> {metrics.get('vocab_after')}")
     fig.suptitle(f"{title}\n" + "; ".join(i for i in info if i), y=1.06)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    save_figure(fig, Path(path), dpi=110, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return Path(path)

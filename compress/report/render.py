@@ -377,13 +377,13 @@ def write_plots(out: Path, report: dict[str, Any], records: list[StepRecord]) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from compress.report.figures import save_figure
+
     written: list[str] = []
 
     def save(fig: Any, name: str) -> None:
-        tmp = out / f".{name}.tmp{os.getpid()}.png"
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        save_figure(fig, out / name, dpi=110, bbox_inches="tight")
         plt.close(fig)
-        os.replace(tmp, out / name)
         written.append(name)
 
     ev = report.get("evaluation") or {}

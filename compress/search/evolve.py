@@ -124,12 +124,12 @@ def plot_pareto(trials: list[dict[str, Any]], chosen: str | None, path: Path, *,
                 budget_ms: float | None = None, score_name: str = "score") -> Path:
     """Score vs measured p50 latency of every feasible trial (dicts of `Trial.to_dict`), the Pareto front as a
     line, the chosen shape marked, the latency budget as a vertical line."""
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from compress.report.figures import save_figure
 
     ok = [t for t in trials if t.get("feasible") and t.get("latency_ms") is not None and t.get("score") is not None]
     front = [t for t in trials if t.get("pareto")]
@@ -153,9 +153,6 @@ def plot_pareto(trials: list[dict[str, Any]], chosen: str | None, path: Path, *,
     ax.set_ylabel(score_name)
     ax.set_title(title)
     ax.legend(fontsize=7, loc="lower right")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
