@@ -203,16 +203,16 @@ def test_ship_fastest_rule() -> None:
                      "int8-qat": {"quality_drop": 0.010, "latency_p50_ms": 2.5, "latency_x": 4.0}}
         return ev
 
-    a, line = ship_fastest(artifact(), evaluation(0.014, 5.0), 0.005)
+    a, line = ship_fastest(artifact(), evaluation(0.014, 5.0), 0.005, 0.0)
     assert a.shipped().name == "int8-dynamic" and "1.25x its speed" in line
     assert [m.name for m in a.models if m.shipped] == ["int8-dynamic"]
-    a, line = ship_fastest(artifact(), evaluation(0.014, 5.0), 0.005, margin=0.25)  # a 25% lead is within a 25% margin
+    a, line = ship_fastest(artifact(), evaluation(0.014, 5.0), 0.005, 0.25)  # a 25% lead is within a 25% margin
     assert a.shipped().name == "int8-qat" and "int8-qat stays: int8-dynamic measured 1.25x its speed" in line
-    assert ship_fastest(artifact(), evaluation(0.014, 5.0), 0.005, margin=0.2)[0].shipped().name == "int8-dynamic"
-    a, line = ship_fastest(artifact(), evaluation(0.016, 5.0), 0.005)  # 0.6 points worse: more than the tolerance
+    assert ship_fastest(artifact(), evaluation(0.014, 5.0), 0.005, 0.2)[0].shipped().name == "int8-dynamic"
+    a, line = ship_fastest(artifact(), evaluation(0.016, 5.0), 0.005, 0.0)  # 0.6 points worse: more than the tolerance
     assert a.shipped().name == "int8-qat" and "int8-qat stays" in line
     assert "int8-dynamic was faster (1.25x) but its quality drop 0.016 exceeds 0.01 + the tolerance 0.005" in line
-    a, line = ship_fastest(artifact(), evaluation(0.0, None), 0.0)  # no ratio for one of them: p50 2.0 < 2.5 ms
+    a, line = ship_fastest(artifact(), evaluation(0.0, None), 0.0, 0.0)  # no ratio for one of them: p50 2.0 < 2.5 ms
     assert a.shipped().name == "int8-dynamic" and "by 1 / p50" in line
     unshipped = Artifact(task="sequence-classification", models=[ModelFile(Path("fp32.onnx"))])
-    assert ship_fastest(unshipped, evaluation(0.0, 5.0), 0.0)[0].shipped().name == "fp32"
+    assert ship_fastest(unshipped, evaluation(0.0, 5.0), 0.0, 0.0)[0].shipped().name == "fp32"

@@ -174,8 +174,7 @@ class Evaluate(Pass):
 
             causal_lm_stats(evaluation, models, outputs, batches, t, latency=cfg.latency)
         if cfg.ship == "fastest":
-            artifact, ctx.metrics["ship"] = ship_fastest(artifact, evaluation, cfg.ship_tolerance,
-                                                                cfg.ship_margin)
+            artifact, ctx.metrics["ship"] = ship_fastest(artifact, evaluation, cfg.ship_tolerance, cfg.ship_margin)
             log.info("%s: %s", ctx.label, ctx.metrics["ship"])
         rep = evaluation.report(artifact.shipped())
         ctx.metrics.update(
@@ -261,7 +260,7 @@ BASELINE_PREFIX = "teacher-"  # evaluation.baselines keys: teacher-fp32, teacher
 
 
 def ship_fastest(artifact: Artifact, evaluation: Evaluation, tolerance: float,
-                 margin: float = 0.0) -> tuple[Artifact, str]:
+                 margin: float) -> tuple[Artifact, str]:
     """`ship: fastest`: the artifact with the shipped flag on the fastest evaluated student of the shipped one's
     precision whose quality drop is at most `tolerance` above the shipped one's and whose speed is more than
     1 + `margin` times the shipped one's, and a line saying what was chosen and why. Speed: latency_x (median of
