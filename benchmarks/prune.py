@@ -247,17 +247,18 @@ def plot_curve(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.8))
     x_goal = 2 * three["latency_x"]
     xmax = max(r["latency_x"] for r in rows) * 1.3  # room for the labels
-    ys = [100 * (r["accuracy"] - teacher) for r in rows]
+    pts_vs = {r["model"]: 100 * (r["accuracy"] - teacher) for r in rows}  # points against the fp32 teacher
+    ys = list(pts_vs.values())
     top = max(ys + [0.0]) + 1.0
     ax.fill_between([x_goal, max(xmax, x_goal * 1.1)], -1, top, color="#c7e9c0", zorder=1,
                     label=f"target: >= {x_goal:.1f}x (2x the 3-layer int8), >= -1 pt")
     for method, color in (("importance", "#4c72b0"), ("learned", "#dd8452")):
         pts = sorted((r for r in rows if r["model"].startswith(method)), key=lambda r: r["latency_x"])
         if pts:
-            ax.plot([r["latency_x"] for r in pts], [100 * (r["accuracy"] - teacher) for r in pts], "o-", color=color,
+            ax.plot([r["latency_x"] for r in pts], [pts_vs[r["model"]] for r in pts], "o-", color=color,
                     label=f"{method} pruning + vocab trimming, int8", zorder=3)
     for r in rows:
-        y = 100 * (r["accuracy"] - teacher)
+        y = pts_vs[r["model"]]
         pruned = r["model"].startswith(("importance", "learned"))
         if not pruned:
             ax.plot(r["latency_x"], y, "s", color="#555555", zorder=3)
