@@ -33,7 +33,10 @@ class PTQConfig(PassConfig):
     )
     primary: Literal["dynamic", "static", "int4"] = Field("dynamic", description="Which one becomes the shipped student (student.int8.onnx / int4).")
     int4: Int4 = Field(None, description="int4 weight-only settings (when methods has int4); unset: block_size 32, symmetric, LM head int4, embeddings fp32.")  # type: ignore[assignment]
-    per_channel: bool = Field(True, description="Per-channel weight scales for static quantization.")
+    per_channel: bool = Field(True, description="Per-channel weight scales (one per output column of each MatMul/Gemm), "
+                              "for dynamic and static int8. ORT's own quantize_dynamic defaults to one scale per tensor: "
+                              "on all-MiniLM-L6-v2 that keeps 0.953 cosine to the fp32 embeddings, per-channel 0.991, at "
+                              "the same speed (docs/quantization.md).")
     activations: Literal["uint8", "int8"] = Field(
         "uint8", description="Static activation type: uint8 (U8S8, ONNX Runtime's fast path on x86 CPUs: 5x faster "
         "than int8 activations on MiniLM) or int8 (S8S8, for GPU/NPU back-ends that want symmetric int8).")
@@ -62,8 +65,9 @@ class PTQ(Pass):
     type = "ptq"
     Config = PTQConfig
     # 4: typed model-file records in the artifact; 5: reduce_range; 6: int4 weight-only; 7: static int8 MatMuls with
-    # float outputs (MatMulIntegerToFloat) by default, what ORT runs per method in the metrics; 8: reduce_range auto
-    version = "8"
+    # float outputs (MatMulIntegerToFloat) by default, what ORT runs per method in the metrics; 8: reduce_range auto;
+    # 9: per_channel applies to dynamic int8 too
+    version = "9"
     uses_data = ("calibration", "train")
     uses_edge = True  # target.edge: weight MatMuls only, LayerNorm spelled out again, .ort (pipeline cache key)
     consumes = (Kind.ONNX_FP32,)
@@ -96,6 +100,7 @@ class PTQ(Pass):
         cfg: PTQConfig = self.config  # type: ignore[assignment]
         reduce_range = resolve_reduce_range(cfg.reduce_range)
         ctx.metrics["reduce_range"] = reduce_range
+        ctx.metrics["per_channel"] = cfg.per_channel
         fp32 = artifact.fp32_onnx()
         if fp32 is None:
             raise InputError(f"passes: '{ctx.label}' needs an fp32 ONNX model; put {{type: export}} before it")
@@ -138,7 +143,8 @@ class PTQ(Pass):
                                            embeddings=o.embeddings)
                     ctx.metrics.update({f"int4_{k}": v for k, v in counts.items()})
                 elif method == "dynamic":
-                    quantize_dynamic_int8(src, dst, op_types=op_types, reduce_range=reduce_range)
+                    quantize_dynamic_int8(src, dst, op_types=op_types, reduce_range=reduce_range,
+                                         per_channel=cfg.per_channel)
                 else:
                     assert calib is not None
                     edge = ctx.run.target.edge is not None
