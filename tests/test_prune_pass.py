@@ -102,6 +102,8 @@ def test_learned_masks_with_vocab_trimming(tmp_path, bert4_dir, data_dir):
 @pytest.mark.parametrize("prune, message", [
     ({"target": {"fraction": 1.0}}, "keeps everything"),
     ({"target": {"fraction": 0.5, "params": 10}}, "exactly one of"),
+    ({"target": {"fraction": 0.5}, "vocab": {"fallback": "split"}}, "add 'vocab' to granularities"),
+    ({"target": {"fraction": 0.5}, "granularities": ["vocab"], "vocab": {"fallback": "bpe"}}, "fallback"),
 ])
 def test_bad_config_exit_2(tmp_path, bert4_dir, data_dir, capsys, prune, message):
     cfg = _write(tmp_path, bert4_dir, data_dir, [FINETUNE, {"type": "prune", **prune}])
@@ -151,13 +153,25 @@ def test_vocab_trimmed_student_keeps_the_teachers_ids(tmp_path, bert4_dir, data_
     # quality only: no latency rounds, no ORT teacher baselines (the slowest parts of evaluate, not under test here)
     evaluate = {"type": "evaluate", "latency": False, "teacher_baselines": False}
     tail = [{"type": "export"}] + ([] if after == "distill" else [dict(QAT, teacher=after.split("-")[1])])
-    passes = [FINETUNE, {"type": "prune", "method": "magnitude", "granularities": ["vocab"], "target": {"fraction": 0.5}},
-              {"type": "distill", "steps": 2, "batch_size": 16, "lr": 1e-3}, *tail, evaluate]
+    prune = {"type": "prune", "method": "magnitude", "granularities": ["vocab"], "target": {"fraction": 0.5}}
+    if after == "distill":  # fallback split, a token budget, tokens collected beyond data.train's limit
+        prune["vocab"] = {"fallback": "split", "max_tokens": 120, "texts": 10000}
+    passes = [FINETUNE, prune, {"type": "distill", "steps": 2, "batch_size": 16, "lr": 1e-3}, *tail, evaluate]
     cfg = _write(tmp_path, bert4_dir, data_dir, passes)
+    if after == "distill":
+        doc = yaml.safe_load(cfg.read_text())
+        doc["data"]["train"]["limit"] = 64
+        cfg.write_text(yaml.safe_dump(doc))
     assert main(["run", str(cfg), "-q"]) == 0, _report(tmp_path)["error"]
     trimmed = _report(tmp_path)["evaluation"]
+    m = _report(tmp_path)["passes"][1]["metrics"]
     id_map = load_id_map(tmp_path / "out" / "model")
-    assert id_map is not None and len(id_map) == _report(tmp_path)["passes"][1]["metrics"]["vocab_after"]
+    assert id_map is not None and len(id_map) == m["vocab_after"]
+    if after == "distill":  # no shared row; the 120 most frequent tokens, the specials and the character pieces
+        assert m["vocab_fallback"] == "split" and m["vocab_after"] == m["vocab_kept"] and m["vocab_texts"] > 64
+        assert len(set(id_map.tolist())) == len(id_map)
+    else:
+        assert m["vocab_fallback"] == "unk" and m["vocab_after"] == m["vocab_kept"] + 1
     cfg = _write(tmp_path, bert4_dir, data_dir, [FINETUNE, {"type": "export"}, evaluate])
     assert main(["run", str(cfg), "-q"]) == 0
     plain = _report(tmp_path)["evaluation"]

@@ -81,6 +81,44 @@ def test_a_plain_transformers_resave_stays_a_valid_tokenizer(bert_and_tokenizer,
     assert max(again("quantum giraffes")["input_ids"]) <= len(kept)
 
 
+def test_split_fallback_spells_dropped_words_with_kept_pieces(bert_and_tokenizer, tmp_path: Path) -> None:
+    """fallback "split": no shared row; kept text splits and computes as before, a word with dropped pieces is
+    spelled with kept pieces (down to single characters of the training texts), never [UNK]; the folder is an
+    ordinary one that plain transformers saves and reloads with the same ids."""
+    import transformers as T
+
+    model, tok = bert_and_tokenizer
+    small, small_tok, kept = trim_vocab(model, tok, TRAIN, extra=["zebra"], fallback="split")
+    assert small.config.vocab_size == len(kept) == len(small_tok)
+    a, b = tok(KEPT_TEXT, padding=True, return_tensors="pt"), small_tok(KEPT_TEXT, padding=True, return_tensors="pt")
+    assert tok.convert_ids_to_tokens(a["input_ids"][1]) == small_tok.convert_ids_to_tokens(b["input_ids"][1])
+    torch.testing.assert_close(_logits(small, b), _logits(model, a), atol=1e-6, rtol=1e-5)
+    # "giraffes" (gi ##raf ##fe ##s): most of its pieces occur in no TRAIN text, but each of its letters does
+    assert not set(tok.convert_tokens_to_ids(tok.tokenize("giraffes"))) <= set(kept)
+    pieces = small_tok.tokenize("giraffes love")
+    assert small_tok.unk_token not in pieces and "".join(p.removeprefix("##") for p in pieces[:-1]) == "giraffes"
+    ids = small_tok("giraffes love")["input_ids"]
+    assert [kept[i] for i in ids] == tok.convert_tokens_to_ids([tok.cls_token, *pieces, tok.sep_token])
+    assert small_tok.tokenize("中") == [small_tok.unk_token]  # a character no training text has
+    folder = save_trimmed(small, small_tok, tmp_path / "split")
+    T.PreTrainedTokenizerFast.save_pretrained(T.AutoTokenizer.from_pretrained(folder), tmp_path / "resaved")
+    for path in (folder, tmp_path / "resaved"):
+        assert T.AutoTokenizer.from_pretrained(path)("giraffes love")["input_ids"] == ids
+
+
+def test_max_tokens_keeps_the_most_frequent(bert_and_tokenizer) -> None:
+    from compress.prune.vocab import kept_token_ids
+
+    _, tok = bert_and_tokenizer
+    texts = ["the cat", "the dog", "the cat and the dog", "a bird"]
+    kept = kept_token_ids(tok, texts, max_tokens=3)
+    specials = set(tok.all_special_ids)
+    assert set(kept) - specials == set(tok.convert_tokens_to_ids(["the", "cat", "dog"]))  # 4, 2, 2 uses; ties: lower id
+    assert specials <= set(kept)
+    with_chars = set(kept_token_ids(tok, texts, max_tokens=3, char_pieces=True))
+    assert set(tok.convert_tokens_to_ids(["b", "##b", "r", "##r"])) <= with_chars - set(kept)
+
+
 def test_bpe_tokenizers_and_unknown_extra_tokens_are_input_errors(bert_and_tokenizer) -> None:
     import transformers as T
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -65,6 +65,23 @@ class PruneTarget(BaseModel):
         return self
 
 
+class VocabTrim(BaseModel):
+    """How vocabulary trimming (granularity `vocab`) chooses and spells tokens (compress.prune.vocab)."""
+
+    model_config = ConfigDict(extra="forbid")
+    fallback: Literal["unk", "split"] = Field(
+        "unk", description="What a dropped token becomes. unk: one extra row, a copy of [UNK]'s, that every dropped "
+        "token shares (text splits exactly as before). split: no extra row; the tokenizer keeps only the kept tokens "
+        "(and the single-character pieces of the texts' characters), so a word with a dropped piece splits into kept "
+        "pieces (docs/pruning.md; better held-out quality at the same size on tweets, docs/embeddings.md).")
+    max_tokens: int | None = Field(None, gt=0, description="Keep at most this many of the texts' tokens, the most "
+                                   "frequent first (a size budget; the special tokens, keep_tokens and split's "
+                                   "character pieces come on top). Unset: every token the texts use.")
+    texts: int | None = Field(None, gt=0, description="Collect tokens from this many texts of data.train's source "
+                              "and fraction, its `limit` lifted (more text than training reads, e.g. the whole "
+                              "split). Unset: data.train as configured.")
+
+
 class PruneConfig(ObjectiveConfig, TeacherConfig, TrainConfig):
     """What to prune, how and to which target; for `learned`, the trainer's settings (steps, lr of the student
     weights...) and the distillation objective's (losses, weights, layer map) plus the mask options."""
@@ -85,6 +102,8 @@ class PruneConfig(ObjectiveConfig, TeacherConfig, TrainConfig):
                                       "for taylor / activation scores.")
     keep_tokens: list[str] = Field(default_factory=list, description="Vocabulary trimming: tokens kept besides "
                                    "those of data.train and the special tokens.")
+    vocab: VocabTrim = Field(default_factory=VocabTrim, description="Vocabulary trimming: the fallback for dropped "
+                             "tokens, a token budget and the texts tokens are collected from.")
     latency_precision: Literal["int8", "fp32"] = Field(
         "int8", description="Latency target: measure the dynamic-int8 (as ptq ships it) or the fp32 ONNX export.")
     latency_steps: int = Field(7, gt=0, description="Latency target: bisection steps over the keep ratio.")
@@ -108,11 +127,19 @@ class Prune(Pass):
     type = "prune"
     Config = PruneConfig
     # 2: vocabulary trimming in the same shrink as the rest (a second shrink misread a pruned BERT's head size)
-    version = "3"  # 3: writes its KeepPlan to keep_plan.json in the cache entry (benchmarks/pipeline.py row 4)
+    # 3: writes its KeepPlan to keep_plan.json in the cache entry (benchmarks/pipeline.py row 4); 4: `vocab` options
+    version = "4"
     uses_data = ("train", "calibration")
     consumes = (Kind.TORCH_STUDENT,)
     refuses = (Kind.ONNX,)  # pruning changes the model: export after it
     produces = (Kind.TORCH_STUDENT,)
+
+    def reads_from_run(self, run: Any) -> Any:
+        """With vocab.texts, the texts beyond data.train's limit enter the cache key (their fingerprint)."""
+        cfg: PruneConfig = self.config  # type: ignore[assignment]
+        if "vocab" not in cfg.granularities or cfg.vocab.texts is None or run.data.train is None:
+            return None
+        return {"vocab_texts": _vocab_records(run, cfg.vocab.texts).fingerprint}
 
     @property
     def uses_target(self) -> bool:  # a latency target depends on where it is measured
@@ -131,6 +158,8 @@ class Prune(Pass):
         if "vocab" in grans and (task.modality != "text" or task.labels == "next-token"):
             return (f"granularities: vocab trimming is for text encoders; task '{run.model.task}' has no "
                     "vocabulary to trim (remove 'vocab')")
+        if "vocab" in cfg.model_fields_set and "vocab" not in grans:
+            return "vocab: these options are for vocabulary trimming; add 'vocab' to granularities or remove them"
         if "vocab" in grans and run.data.train is None:
             return "granularities: vocab trimming keeps the tokens of data.train; add data.train"
         if cfg.method == "learned":
@@ -166,12 +195,15 @@ class Prune(Pass):
         if "vocab" in grans:
             from compress.prune.vocab import kept_token_ids, trim_tokenizer
 
-            texts = ctx.data.records("train").texts
+            v = cfg.vocab
+            texts = (ctx.data.records("train") if v.texts is None else _vocab_records(ctx.run, v.texts)).texts
             if not texts:
                 raise InputError(f"passes: '{ctx.label}'.granularities: vocab trimming needs texts in data.train")
-            kept_vocab = kept_token_ids(pre, texts, cfg.keep_tokens)
-            new_pre = trim_tokenizer(pre, kept_vocab)
-            ctx.metrics["vocab_kept"] = len(kept_vocab)
+            kept_vocab = kept_token_ids(pre, texts, cfg.keep_tokens, max_tokens=v.max_tokens,
+                                        char_pieces=v.fallback == "split")
+            new_pre = trim_tokenizer(pre, kept_vocab, v.fallback)
+            ctx.metrics.update(vocab_kept=len(kept_vocab), vocab_fallback=v.fallback, vocab_texts=len(texts))
+        extra_row = int(kept_vocab is not None and cfg.vocab.fallback == "unk")  # the shared row of dropped tokens
 
         scores = None
         target_params: int | None = None
@@ -189,7 +221,7 @@ class Prune(Pass):
         if cfg.target.latency_ms is not None:
             plan = self._plan_for_latency(model, scores, importance_grans, kept_vocab, ctx)
             target_params = count_params(model, plan) if plan is not None else before
-            if plan is not None and kept_vocab is not None:  # and the extra row trimming adds
+            if plan is not None and extra_row:  # and the extra row trimming adds
                 target_params += len(plan.hidden) if plan.hidden is not None else get_adapter(model).hidden_size
             ctx.metrics["latency_plan_params"] = target_params
         assert target_params is not None
@@ -198,11 +230,12 @@ class Prune(Pass):
             log.info("%s: the model (%d params) already meets the target (%d)", ctx.label, before, target_params)
 
         if cfg.method == "learned":
-            pruned, plan = self._learn(artifact, model, pre, structural, kept_vocab, target_params, seed, ctx)
+            pruned, plan = self._learn(artifact, model, pre, structural, kept_vocab, extra_row, target_params, seed,
+                                       ctx)
         else:
             if plan is None:
                 if importance_grans:  # trimming adds one row (id K, where dropped tokens go): leave room for it
-                    room = get_adapter(model).hidden_size if kept_vocab is not None else 0
+                    room = get_adapter(model).hidden_size * extra_row
                     plan = plan_for_target(model, scores, params=min(target_params, before) - room,
                                            granularities=importance_grans, scope=cfg.scope, round_to=cfg.round_to,
                                            keep_vocab=kept_vocab)
@@ -210,7 +243,7 @@ class Prune(Pass):
                     plan = KeepPlan(vocab=kept_vocab)
             plan.vocab = kept_vocab
             pruned = shrink(model, plan)
-        if kept_vocab is not None:  # the kept rows and one more, id K, a copy of [UNK]'s (compress.prune.vocab)
+        if extra_row:  # the kept rows and one more, id K, a copy of [UNK]'s (compress.prune.vocab)
             _add_dropped_token_row(pruned, kept_vocab, pre.unk_token_id)
         after = count_params(pruned)
         if after > target_params:
@@ -228,7 +261,7 @@ class Prune(Pass):
             from compress.prune.idmap import load_id_map, save_id_map
 
             previous = load_id_map(artifact.model_dir)  # trimmed twice: compose with the earlier map
-            ids = [*kept_vocab, int(pre.unk_token_id)]  # student id K (dropped tokens) -> the teacher's [UNK]
+            ids = [*kept_vocab, *[int(pre.unk_token_id)] * extra_row]  # id K (dropped tokens) -> the teacher's [UNK]
             save_id_map(folder, ids if previous is None else previous[torch.tensor(ids)].tolist())
         return artifact.replace(model_dir=folder)
 
@@ -317,7 +350,8 @@ class Prune(Pass):
         return build(best)
 
     def _learn(self, artifact: Artifact, model: torch.nn.Module, pre: Any, structural: list[str],
-               kept_vocab: list[int] | None, target_params: int, seed: int, ctx: PassContext) -> tuple[Any, Any]:
+               kept_vocab: list[int] | None, extra_row: int, target_params: int, seed: int,
+               ctx: PassContext) -> tuple[Any, Any]:
         from compress.distill.teacher import prepare_teacher
         from compress.prune import masks as hc
         from compress.prune.shrink import shrink
@@ -326,7 +360,7 @@ class Prune(Pass):
         gates = sorted({g for s in structural for g in GATES[s]}, key=hc.GRANULARITIES.index)
         teacher = prepare_teacher(ctx.load_teacher(artifact), cfg).to(ctx.device)
         student = model.to(ctx.device).train()
-        vocab_removed = 0 if kept_vocab is None else int(student.config.vocab_size) - len(kept_vocab) - 1
+        vocab_removed = 0 if kept_vocab is None else int(student.config.vocab_size) - len(kept_vocab) - extra_row
         p0 = sum(p.numel() for p in student.parameters())
         sparsity = max(0.0, 1.0 - target_params / p0)
 
@@ -371,6 +405,14 @@ class Prune(Pass):
             vocab_before=ad_in.vocab_size, vocab_after=ad_out.vocab_size,
             reload="compress" if reload.is_pruned_type(pruned.config) else "transformers",
         )
+
+
+def _vocab_records(run: Any, texts: int) -> Any:
+    """`texts` records of data.train's source and fraction (its limit replaced): what vocab.texts collects from."""
+    from compress.data.sources import load_records
+
+    spec = run.data.train.model_copy(update={"limit": texts})
+    return load_records(spec, base_dir=run.base_dir, name="data.train")
 
 
 def _add_dropped_token_row(model: torch.nn.Module, kept: list[int], unk_id: int) -> None:
