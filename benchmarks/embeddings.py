@@ -1,10 +1,12 @@
 """Sentence embeddings: the all-MiniLM-L6-v2 teacher against the compress student of configs/minilm-embeddings.yaml,
 one table from one run.
 
-Rows: the teacher exported to ONNX fp32 (pooling and normalisation in the graph), the teacher with ORT dynamic
-int8 (MatMul weights only: what a user gets today from `quantize_dynamic`), and the student of the config in
-fp32 and int8 (the shipped one, embedding table int8 too; and, for the cost of that default, the same int8
-student with its embedding table left float). Quality is measured on the config's held-out eval tweets against
+Rows: the teacher exported to ONNX fp32 (pooling and normalisation in the graph, fused by ORT's transformer
+optimizer as the student's export is: evaluate's teacher baselines, compress.onnx.baselines), the teacher with
+ORT dynamic int8 (MatMul weights only, one scale per tensor: what a user gets today from `quantize_dynamic`) and
+with one scale per output column (as ptq quantizes), and the student of the config in fp32 and int8 (the shipped
+one, embedding table int8 too; the same int8 student with its embedding table left float; and, when the config
+trims the vocabulary, the int8 student before trimming). Quality is measured on the config's held-out eval tweets against
 the PyTorch teacher's embeddings: cosine fidelity, recall@10 of the teacher's neighbours, Spearman of pairwise
 similarities, and leave-one-out 10-NN accuracy on the tweets' sentiment labels (compress.embed.metrics).
 Latency: ORT p50 at the config's target (batch 1, 64 tokens, 2 threads); the models are timed in interleaved
@@ -45,7 +47,8 @@ def main() -> int:
     from compress.embed.metrics import embedding_scores
     from compress.embed.model import OUTPUT, SentenceEncoder
     from compress.models.loading import resolve_source
-    from compress.onnx.export import export_onnx
+    from compress.onnx.baselines import teacher_baselines
+    from compress.onnx.export import export_onnx, optimize_onnx
     from compress.onnx.quantize import quantize_dynamic_int8
     from compress.onnx.runtime import make_session, measure_latency, onnx_size_mb, run_session
     from compress.pipeline import run as run_pipeline
@@ -66,15 +69,22 @@ def main() -> int:
     bench = out / "benchmark"
     bench.mkdir(exist_ok=True)
     t_fp32, t_int8 = bench / "teacher.onnx", bench / "teacher.int8-dynamic.onnx"
-    if not t_fp32.is_file():
-        example = dict(tok(["a first example", "and a second, longer example sentence"], padding=True, return_tensors="pt"))
-        export_onnx(teacher, example, t_fp32, task="feature-extraction", output_name=OUTPUT)
-    if not t_int8.is_file():
-        quantize_dynamic_int8(t_fp32, t_int8)  # MatMul/Gemm weights: ORT's dynamic int8 as users run it
+    t_int8_pc = bench / "teacher.int8-dynamic-per-channel.onnx"
+    if not (t_fp32.is_file() and t_int8.is_file()):
+        # as evaluate's teacher baselines: exported, fused by ORT's transformer optimizer (as the student's export
+        # is) where parity holds, and ORT's dynamic int8 of that graph, as users run it (one scale per tensor)
+        example = dict(tok(["a first example", "and a second, longer example sentence"], padding=True,
+                           return_tensors="pt"))
+        teacher_baselines(None, "feature-extraction", bench, cfg.target, methods=("fp32", "dynamic"), model=teacher,
+                          example_inputs=example, output_name=OUTPUT)
+    if not t_int8_pc.is_file():  # the same with one scale per output column, as ptq quantizes (its per_channel)
+        quantize_dynamic_int8(t_fp32, t_int8_pc, per_channel=True)
     s_keep_emb = bench / "student.int8-fp32-embeddings.onnx"
     if not s_keep_emb.is_file() or s_keep_emb.stat().st_mtime < (out / "student.onnx").stat().st_mtime:
-        quantize_dynamic_int8(out / "student.onnx", s_keep_emb)  # what ptq made before: the embedding table float
+        # ptq's int8 with the embedding table left float (ptq's default before sentence students)
+        quantize_dynamic_int8(out / "student.onnx", s_keep_emb, per_channel=True)
     models = {"teacher fp32": t_fp32, "teacher int8 (ORT dynamic)": t_int8,
+              "teacher int8 (dynamic, per-channel weights)": t_int8_pc,
               "student fp32": out / "student.onnx", "student int8, embeddings fp32": s_keep_emb,
               "student int8 (shipped: embeddings int8)": out / "student.int8.onnx"}
     untrimmed = _untrimmed_student(out, cfg.cache_path)  # the distilled student before prune trimmed its vocabulary
@@ -86,8 +96,13 @@ def main() -> int:
             example = dict(s_tok(["a first example", "and a second, longer example sentence"], padding=True,
                                  return_tensors="pt"))
             export_onnx(s_enc, example, full_fp32, task="feature-extraction", output_name=OUTPUT)
-            quantize_dynamic_int8(full_fp32, full_int8, op_types=("MatMul", "Gemm", "Gather"))  # as ptq does
+            fused = bench / "student.full-vocab.fused.onnx"  # fused as the export pass fuses the shipped student
+            c = s_enc.config
+            src = fused if optimize_onnx(full_fp32, fused, model_type="bert", num_heads=c.num_attention_heads,
+                                         hidden_size=c.hidden_size) else full_fp32
+            quantize_dynamic_int8(src, full_int8, op_types=("MatMul", "Gemm", "Gather"), per_channel=True)  # as ptq
             full_fp32.unlink()
+            fused.unlink(missing_ok=True)
         models = {**dict(list(models.items())[:-1]), "student int8, full vocabulary (before trimming)": full_int8,
                   **dict(list(models.items())[-1:])}
 
@@ -122,8 +137,10 @@ def main() -> int:
           f"{t.batch_size}, {t.seq_len} tokens, {t.threads} threads, median of {args.rounds} interleaved rounds x "
           f"{args.runs} runs")
     if oov is not None:
+        share, split = oov
         print(f"vocabulary: the student's embedding table has {_rows(out / 'model')} rows (the teacher's {len(tok)}); "
-              f"{oov:.1%} of the held-out tweets have a token outside it (it reaches the model as [UNK])")
+              f"{share:.1%} of the held-out tweets have a token outside it ("
+              + ("spelled with kept pieces: fallback split)" if split else "it reaches the model as [UNK])"))
     print("| model | fidelity (cos) | recall@10 | Spearman | kNN acc | size MB | p50 ms | smaller vs teacher fp32 "
           "| faster vs teacher fp32 |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -147,15 +164,18 @@ def _untrimmed_student(out: Path, cache: Path) -> Path | None:
     return folder if folder is not None and folder.is_dir() else None
 
 
-def _share_with_dropped_tokens(tok, s_tok, texts: list[str]) -> float | None:  # type: ignore[no-untyped-def]
-    """Share of `texts` with a token the trimmed student does not keep (None when the vocabulary is the teacher's)."""
+def _share_with_dropped_tokens(tok, s_tok, texts: list[str]) -> tuple[float, bool] | None:  # type: ignore[no-untyped-def]
+    """(share of `texts` with a token the trimmed student does not keep, whether the trimming's fallback is split);
+    None when the vocabulary is the teacher's."""
     from compress.prune.idmap import load_id_map
 
     id_map = load_id_map(Path(s_tok.name_or_path))
     if id_map is None:
         return None
-    kept = set(id_map[:-1].tolist())  # student id K (the last) stands for every dropped token
-    return float(np.mean([any(i not in kept for i in ids) for ids in tok(texts, truncation=True)["input_ids"]]))
+    ids = id_map.tolist()
+    kept = set(ids)  # fallback unk: the last entry (dropped tokens) repeats [UNK]'s id; split: one to one
+    share = float(np.mean([any(i not in kept for i in t) for t in tok(texts, truncation=True)["input_ids"]]))
+    return share, len(kept) == len(ids)
 
 
 def _rows(folder: Path) -> int:
