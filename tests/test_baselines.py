@@ -82,11 +82,29 @@ def test_why_not() -> None:
     assert "edge" in why_not("sequence-classification", edge=True)
 
 
-def test_measure_latency_rounds(tiny_classifier: Path, tmp_path: Path) -> None:
+def test_measure_latency_rounds(tiny_classifier: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import weakref
+
+    from compress.onnx import runtime
+
     fp32, dyn = teacher_baselines(tiny_classifier, "sequence-classification", tmp_path)
     feed = _batches(1)[0]
+    # one session alive at a time: idle sessions side by side slowed the timed one on a 2-core host (2.7x vs 8.2x)
+    alive: set[int] = set()
+    most = [0]
+    real = runtime.make_session
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        sess = real(*args, **kwargs)
+        alive.add(id(sess))
+        most[0] = max(most[0], len(alive))
+        weakref.finalize(sess, alive.discard, id(sess))
+        return sess
+
+    monkeypatch.setattr(runtime, "make_session", counting)
     lat = measure_latency_rounds({"a": fp32.path, "b": dyn.path}, {"a": feed, "b": feed}, threads=1, warmup=1,
                                  runs=6, rounds=3, reference="a")
+    assert most[0] == 1
     assert set(lat) == {"a", "b"}
     assert lat["a"]["speedup"] == 1.0  # the reference against itself, round by round
     for s in lat.values():

@@ -327,13 +327,16 @@ def measure_latency_rounds(
     reference: str | None = None,
     rewarm: int = 3,
 ) -> dict[str, dict[str, float]]:
-    """measure_latency for several models at once, fair on a noisy host: every session is made and warmed up
-    first, then `rounds` rounds each time every model `runs / rounds` times (the order rotating from round to
-    round), so a slow phase of the machine hits all of them alike. `inputs` maps each name to its feed.
-    Each model's block in a round starts with `rewarm` untimed runs: the model timed before it (a large fp32
-    teacher) has pushed its weights out of the CPU caches, and with a few timed runs per block the refill
-    showed as latency (a 6 MB int8 student measured 8.4 ms in 10-run blocks after an 87 MB teacher, 5.2 ms in
-    100-run blocks; a deployed student runs with warm caches).
+    """measure_latency for several models at once, fair on a noisy host: `rounds` rounds each time every model
+    `runs / rounds` times (the order rotating from round to round), so a slow phase of the machine hits all of them
+    alike. `inputs` maps each name to its feed.
+
+    One session is alive at a time: each model's block in a round makes its session, runs it `warmup` times
+    untimed, times it, and drops it. Sessions kept alive side by side (as this did before) slowed one another on
+    a 2-core host: their idle intra-op thread pools still competed for the cores, and the demo's int8 student
+    measured 2.7x faster than the fp32 teacher in the evaluate pass but 8.2x timed alone; a deployed model runs
+    in its own process. The warm-up also refills the CPU caches the model timed before it has pushed out (an 87 MB
+    fp32 teacher before a 6 MB int8 student). `rewarm` is a floor on that warm-up.
 
     Returns, per name, what measure_latency returns (p50/p90 over all its timed runs) plus, with a `reference`
     name, `speedup`: the median over rounds of (reference's round median / this model's round median)."""
@@ -342,25 +345,21 @@ def measure_latency_rounds(
     names = list(models)
     if reference is not None and reference not in models:
         raise ValueError(f"reference '{reference}' is not one of the models timed ({', '.join(names)})")
-    sessions = {n: make_session(models[n], provider=provider, threads=threads) for n in names}
-    feeds = {n: prepare_feed(inputs[n], input_specs(s)) for n, s in sessions.items()}
-    outs = {n: [o.name for o in s.get_outputs()] for n, s in sessions.items()}
-    for n in names:
-        for _ in range(warmup):
-            sessions[n].run(outs[n], feeds[n])
     per_round = max(1, -(-runs // rounds))
     times: dict[str, list[float]] = {n: [] for n in names}
     medians: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for n in names[r % len(names):] + names[: r % len(names)]:
-            sess, feed, out = sessions[n], feeds[n], outs[n]
-            for _ in range(rewarm):
+            sess = make_session(models[n], provider=provider, threads=threads)
+            feed, out = prepare_feed(inputs[n], input_specs(sess)), [o.name for o in sess.get_outputs()]
+            for _ in range(max(warmup, rewarm)):
                 sess.run(out, feed)
             got = []
             for _ in range(per_round):
                 t0 = time.perf_counter()
                 sess.run(out, feed)
                 got.append((time.perf_counter() - t0) * 1e3)
+            del sess
             times[n] += got
             medians[n].append(float(np.median(got)))
     result: dict[str, dict[str, float]] = {}

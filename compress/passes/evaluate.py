@@ -64,7 +64,8 @@ class Evaluate(Pass):
     # 6: each model's block of an interleaved round starts with untimed re-warm runs (runtime.measure_latency_rounds)
     # 7: ship: fastest (the shipped flag can move to a faster student of the same precision)
     # 8: ship_margin: a lead within it keeps the last quantizer's file
-    version = "8"
+    # 9: one ORT session alive at a time in the latency rounds (idle sessions side by side slowed the timed one)
+    version = "9"
     uses_data = ("eval",)
     uses_target = True
     consumes = (Kind.ONNX, Kind.TEACHER)
