@@ -289,6 +289,16 @@ def measure_latency(
     Returns p50_ms, p90_ms, mean_ms, min_ms, std_ms and runs (the number of timed runs)."""
     if runs < 1 or warmup < 0:
         raise InputError(f"target.runs: need runs >= 1 and warmup >= 0 (got runs={runs}, warmup={warmup})")
+    stats = _latency_stats(_timed_runs(path, inputs, provider=provider, threads=threads, warmup=warmup, runs=runs,
+                                       max_seconds=max_seconds))
+    log.debug("latency of %s on %s (threads %s): %s", path, provider, threads, stats)
+    return stats
+
+
+def _timed_runs(path: Path, inputs: Mapping[str, Any], *, provider: str, threads: int | None, warmup: int, runs: int,
+                max_seconds: float | None = None) -> list[float]:
+    """Milliseconds of each timed `session.run` of a fresh session of `path` after `warmup` untimed runs; the
+    session is gone when this returns. Stops early once `max_seconds` of timed runs have passed (at least 3)."""
     session = make_session(path, provider=provider, threads=threads)
     feed = prepare_feed(inputs, input_specs(session))
     names = [o.name for o in session.get_outputs()]
@@ -302,9 +312,7 @@ def measure_latency(
         times.append((time.perf_counter() - t0) * 1e3)
         if max_seconds is not None and len(times) >= 3 and time.perf_counter() - start > max_seconds:
             break
-    stats = _latency_stats(times)
-    log.debug("latency of %s on %s (threads %s): %s", path, provider, threads, stats)
-    return stats
+    return times
 
 
 def _latency_stats(times_ms: list[float]) -> dict[str, float]:
@@ -350,16 +358,8 @@ def measure_latency_rounds(
     medians: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for n in names[r % len(names):] + names[: r % len(names)]:
-            sess = make_session(models[n], provider=provider, threads=threads)
-            feed, out = prepare_feed(inputs[n], input_specs(sess)), [o.name for o in sess.get_outputs()]
-            for _ in range(max(warmup, rewarm)):
-                sess.run(out, feed)
-            got = []
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                sess.run(out, feed)
-                got.append((time.perf_counter() - t0) * 1e3)
-            del sess
+            got = _timed_runs(models[n], inputs[n], provider=provider, threads=threads, warmup=max(warmup, rewarm),
+                              runs=per_round)
             times[n] += got
             medians[n].append(float(np.median(got)))
     result: dict[str, dict[str, float]] = {}
