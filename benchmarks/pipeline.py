@@ -61,6 +61,8 @@ class PlainInitConfig(PassConfig):
                                "student_layers); None: start from the artifact's student.")
     plans: list[dict[str, Any]] = Field(default_factory=list, description="KeepPlans (KeepPlan.to_dict) applied in "
                                         "order with compress.prune.shrink, as the run's prune passes recorded them.")
+    vocab_fallbacks: list[str] = Field(default_factory=list, description="Each plan's vocabulary-trimming fallback "
+                                       "(the prune pass's vocab_fallback metric); missing ones are unk.")
 
 
 @register
@@ -77,10 +79,9 @@ class PlainInit(Pass):
     produces = (Kind.TORCH_STUDENT,)
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
-        from compress.passes.prune import _add_dropped_token_row
         from compress.prune.plan import KeepPlan
         from compress.prune.shrink import shrink
-        from compress.prune.vocab import trim_tokenizer
+        from compress.prune.vocab import add_dropped_token_row, dropped_token_rows, trim_tokenizer
         from compress.search.inherit import student_from_teacher
 
         cfg: PlainInitConfig = self.config  # type: ignore[assignment]
@@ -90,12 +91,14 @@ class PlainInit(Pass):
             ctx.metrics["inherited_layers"] = [k + 1 for k in kept]
         else:
             model = ctx.load_student(artifact)
-        for raw in cfg.plans:
+        for i, raw in enumerate(cfg.plans):
             plan = KeepPlan.from_dict(raw)
             model = shrink(model, plan)
-            if plan.vocab is not None:  # the prune pass's trimmed vocabulary: the extra row and the tokenizer
-                _add_dropped_token_row(model, plan.vocab, pre.unk_token_id)
-                pre = trim_tokenizer(pre, plan.vocab)
+            if plan.vocab is not None:  # the prune pass's trimmed vocabulary: its extra row (fallback unk), tokenizer
+                fallback = cfg.vocab_fallbacks[i] if i < len(cfg.vocab_fallbacks) else "unk"
+                if dropped_token_rows(fallback):
+                    add_dropped_token_row(model, plan.vocab, pre.unk_token_id)
+                pre = trim_tokenizer(pre, plan.vocab, fallback)
         ctx.metrics["params"] = sum(p.numel() for p in model.parameters())
         return artifact.replace(model_dir=ctx.save_student(model.cpu(), pre))
 
@@ -125,6 +128,7 @@ def plain_student_config(run: Any, report: dict[str, Any], cache: Path, work: Pa
                          "row 4 (a plain student of the same shape) has nothing to compare with")
     layers = specs[first].get("student_layers") if specs[first]["type"] == "distill" else None
     plans: list[dict[str, Any]] = []
+    fallbacks: list[str] = []
     examples = 0
     for i in range(first, len(specs)):
         s, rec = specs[i], records.get(labels[i])
@@ -140,6 +144,7 @@ def plain_student_config(run: Any, report: dict[str, Any], cache: Path, work: Pa
                 raise InputError(f"{path}: the prune pass '{labels[i]}' recorded no keep plan (a cache entry made "
                                  f"before the prune pass wrote one); rerun the run with --from {labels[i]}")
             plans.append(json.loads(path.read_text()))
+            fallbacks.append(rec["metrics"].get("vocab_fallback", "unk"))
         if _teacher_training(s):
             c = rec["config"]
             examples += int(rec["metrics"].get("steps") or 0) * int(c.get("batch_size", 1)) * int(c.get("grad_accum", 1))
@@ -153,7 +158,7 @@ def plain_student_config(run: Any, report: dict[str, Any], cache: Path, work: Pa
     export = next((s for s in specs if s["type"] == "export"), {"type": "export"})
     passes = [{**s, "name": labels[i]} for i, s in enumerate(specs[:first])]
     passes += [
-        {"type": PlainInit.type, "name": "plain-init", "layers": layers, "plans": plans},
+        {"type": PlainInit.type, "name": "plain-init", "layers": layers, "plans": plans, "vocab_fallbacks": fallbacks},
         {"type": "finetune", "name": "plain-finetune", **train, "steps": steps, "epochs": None, "as_teacher": False},
         {**export, "name": "plain-export"},
         {"type": "ptq", "name": "plain-ptq", "methods": ["dynamic"], "primary": "dynamic",

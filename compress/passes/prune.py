@@ -193,7 +193,7 @@ class Prune(Pass):
 
         kept_vocab, new_pre = None, pre
         if "vocab" in grans:
-            from compress.prune.vocab import kept_token_ids, trim_tokenizer
+            from compress.prune.vocab import dropped_token_rows, kept_token_ids, trim_tokenizer
 
             v = cfg.vocab
             texts = (ctx.data.records("train") if v.texts is None else _vocab_records(ctx.run, v.texts)).texts
@@ -203,7 +203,9 @@ class Prune(Pass):
                                         char_pieces=v.fallback == "split")
             new_pre = trim_tokenizer(pre, kept_vocab, v.fallback)
             ctx.metrics.update(vocab_kept=len(kept_vocab), vocab_fallback=v.fallback, vocab_texts=len(texts))
-        extra_row = int(kept_vocab is not None and cfg.vocab.fallback == "unk")  # the shared row of dropped tokens
+            extra_row = dropped_token_rows(v.fallback)  # the shared row of dropped tokens (fallback unk)
+        else:
+            extra_row = 0
 
         scores = None
         target_params: int | None = None
@@ -244,7 +246,9 @@ class Prune(Pass):
             plan.vocab = kept_vocab
             pruned = shrink(model, plan)
         if extra_row:  # the kept rows and one more, id K, a copy of [UNK]'s (compress.prune.vocab)
-            _add_dropped_token_row(pruned, kept_vocab, pre.unk_token_id)
+            from compress.prune.vocab import add_dropped_token_row
+
+            add_dropped_token_row(pruned, kept_vocab, pre.unk_token_id)
         after = count_params(pruned)
         if after > target_params:
             raise InputError(f"passes: '{ctx.label}'.target: {target_params} parameters cannot be reached with "
@@ -413,15 +417,3 @@ def _vocab_records(run: Any, texts: int) -> Any:
 
     spec = run.data.train.model_copy(update={"limit": texts})
     return load_records(spec, base_dir=run.base_dir, name="data.train")
-
-
-def _add_dropped_token_row(model: torch.nn.Module, kept: list[int], unk_id: int) -> None:
-    """The trimmed vocabulary's extra row (id K = len(kept), where the trimmed tokenizer sends every dropped
-    token): a copy of [UNK]'s row, as compress.prune.vocab.trim_model makes it, on a model already shrunk."""
-    from compress.models import get_adapter
-    from compress.prune.shrink import word_embedding
-
-    model.resize_token_embeddings(len(kept) + 1, mean_resizing=False)
-    emb = word_embedding(get_adapter(model))
-    with torch.no_grad():
-        emb.weight[len(kept)] = emb.weight[kept.index(unk_id)]

@@ -108,6 +108,14 @@ def _continuing_prefix(tokenizer: Any) -> str:
     return str(_backend_json(tokenizer).get("model", {}).get("continuing_subword_prefix") or "##")
 
 
+def dropped_token_rows(fallback: str) -> int:
+    """Embedding rows trimming adds besides the kept ones: 1 for fallback "unk" (id K, which every dropped token
+    shares), 0 for "split"."""
+    if fallback not in ("unk", "split"):
+        raise InputError(f"vocabulary trimming: fallback '{fallback}' is not unk or split")
+    return int(fallback == "unk")
+
+
 def trim_tokenizer(tokenizer: Any, kept: list[int], fallback: str = "unk") -> Any:
     """A fast tokenizer that numbers kept tokens 0..len(kept)-1. fallback "unk": it splits text as `tokenizer`
     does and a token not kept gets id len(kept) (the shared row); "split": its vocabulary is the kept tokens
@@ -126,10 +134,10 @@ def trim_tokenizer(tokenizer: Any, kept: list[int], fallback: str = "unk") -> An
     new_id = {old: new for new, old in enumerate(kept)}
     dropped_id = len(kept)  # the extra row: a copy of [UNK]'s (see the module docstring)
     unk_new = new_id[vocab[unk]]
-    if fallback == "split":
-        model["vocab"] = {tok: new_id[old] for tok, old in vocab.items() if old in new_id}
-    else:
+    if dropped_token_rows(fallback):
         model["vocab"] = {tok: new_id.get(old, dropped_id) for tok, old in vocab.items()}
+    else:
+        model["vocab"] = {tok: new_id[old] for tok, old in vocab.items() if old in new_id}
     for added in data.get("added_tokens") or []:
         if added["id"] not in new_id:
             raise InputError(f"vocabulary trimming: added token '{added['content']}' must be kept")
@@ -179,21 +187,28 @@ def trim_model(model: nn.Module, kept: list[int], unk_id: int, fallback: str = "
     """`model` with the embedding rows `kept` (new ids 0..K-1) and, for fallback "unk", one more row, id K, a copy
     of the row of `unk_id` (an original id, kept), where the trimmed tokenizer sends every token that was not
     kept."""
-    import torch
-
-    from compress.models import get_adapter
-    from compress.prune.shrink import shrink, word_embedding
+    from compress.prune.shrink import shrink
 
     if unk_id not in kept:
         raise InputError("vocabulary trimming: the unknown token must be kept")
     small = shrink(model, KeepPlan(vocab=kept))
-    if fallback == "split":
-        return small
-    small.resize_token_embeddings(len(kept) + 1, mean_resizing=False)
-    emb = word_embedding(get_adapter(small))
+    if dropped_token_rows(fallback):
+        add_dropped_token_row(small, kept, unk_id)
+    return small
+
+
+def add_dropped_token_row(model: nn.Module, kept: list[int], unk_id: int) -> None:
+    """The extra row of fallback "unk" on a model whose vocabulary is already shrunk to `kept`: id K = len(kept),
+    where the trimmed tokenizer sends every dropped token, a copy of the row of `unk_id` (an original id, kept)."""
+    import torch
+
+    from compress.models import get_adapter
+    from compress.prune.shrink import word_embedding
+
+    model.resize_token_embeddings(len(kept) + 1, mean_resizing=False)
+    emb = word_embedding(get_adapter(model))
     with torch.no_grad():
         emb.weight[len(kept)] = emb.weight[kept.index(unk_id)]
-    return small
 
 
 def trim_vocab(model: nn.Module, tokenizer: Any, texts: Iterable[str], extra: Iterable[str | int] = (), *,
