@@ -20,6 +20,7 @@ ONNX files under the config's output folder, and prints the table.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -48,7 +49,6 @@ def main() -> int:
     from compress.embed.model import OUTPUT, SentenceEncoder
     from compress.models.loading import resolve_source
     from compress.onnx.baselines import teacher_baselines
-    from compress.onnx.export import export_onnx, optimize_onnx
     from compress.onnx.quantize import quantize_dynamic_int8
     from compress.onnx.runtime import make_session, measure_latency, onnx_size_mb, run_session
     from compress.pipeline import run as run_pipeline
@@ -89,20 +89,18 @@ def main() -> int:
               "student int8 (shipped: embeddings int8)": out / "student.int8.onnx"}
     untrimmed = _untrimmed_student(out, cfg.cache_path)  # the distilled student before prune trimmed its vocabulary
     if untrimmed is not None:
-        full_fp32, full_int8 = bench / "student.full-vocab.onnx", bench / "student.full-vocab.int8.onnx"
+        full_int8 = bench / "student.full-vocab.int8.onnx"
         if not full_int8.is_file() or full_int8.stat().st_mtime < (out / "student.onnx").stat().st_mtime:
             s_tok = AutoTokenizer.from_pretrained(untrimmed)
             s_enc = SentenceEncoder.from_folder(AutoModel.from_pretrained(untrimmed), untrimmed, cfg.model.pooling).eval()
             example = dict(s_tok(["a first example", "and a second, longer example sentence"], padding=True,
                                  return_tensors="pt"))
-            export_onnx(s_enc, example, full_fp32, task="feature-extraction", output_name=OUTPUT)
-            fused = bench / "student.full-vocab.fused.onnx"  # fused as the export pass fuses the shipped student
-            c = s_enc.config
-            src = fused if optimize_onnx(full_fp32, fused, model_type="bert", num_heads=c.num_attention_heads,
-                                         hidden_size=c.hidden_size) else full_fp32
-            quantize_dynamic_int8(src, full_int8, op_types=("MatMul", "Gemm", "Gather"), per_channel=True)  # as ptq
-            full_fp32.unlink()
-            fused.unlink(missing_ok=True)
+            # exported and fused where parity holds, as the export pass makes the shipped student (the same code as
+            # the teacher rows), then int8 as ptq makes it
+            (fp32,) = teacher_baselines(None, "feature-extraction", bench / "full-vocab", cfg.target, methods=("fp32",),
+                                        model=s_enc, example_inputs=example, output_name=OUTPUT)
+            quantize_dynamic_int8(fp32.path, full_int8, op_types=("MatMul", "Gemm", "Gather"), per_channel=True)
+            shutil.rmtree(bench / "full-vocab")
         models = {**dict(list(models.items())[:-1]), "student int8, full vocabulary (before trimming)": full_int8,
                   **dict(list(models.items())[-1:])}
 
